@@ -1,0 +1,85 @@
+"""Eager argument checks shared by every factory (``ValueError`` naming the argument and its value).
+
+Values that are JAX tracers (for example hyperparameters passed through ``optax.inject_hyperparams``) cannot be
+inspected in Python; the checks skip them, and the traced code never branches on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+    """Whether ``value`` can be read in Python (not a tracer inside ``jit``/``inject_hyperparams``)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _as_float(name: str, value: Any) -> float | None:
+    if not is_concrete(value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{name} must be a real number, got {value!r}") from exc
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be a real scalar, got {value!r}")
+    return float(arr)
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    x = _as_float(name, value)
+    if x is None:
+        return
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_unit_interval(name: str, value: Any, *, closed_left: bool = True) -> None:
+    """Raise unless ``value`` lies in ``[0, 1)`` (or ``(0, 1)`` when ``closed_left`` is false)."""
+    x = _as_float(name, value)
+    if x is None:
+        return
+    low_ok = x >= 0 if closed_left else x > 0
+    if not (math.isfinite(x) and low_ok and x < 1):
+        interval = "[0, 1)" if closed_left else "(0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is an integer ``>= 1`` (Python or NumPy/JAX integer scalar)."""
+    if value is None and allow_none:
+        return
+    if not is_concrete(value):
+        return
+    arr = np.asarray(value)
+    if isinstance(value, bool) or arr.shape != () or not np.issubdtype(arr.dtype, np.integer) or int(arr) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """Raise unless ``value`` is one of ``choices``, listing them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_floating_tree(name: str, tree: Any) -> None:
+    """Raise unless every leaf of ``tree`` has a floating dtype."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "<root>"
+            raise ValueError(f"{name}{where} must have a floating dtype, got {dtype}")
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are accumulated in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)

@@ -1,0 +1,148 @@
+r"""AdAdaGrad and AdAdaGrad-Norm: an adaptive batch-size test and the AdaGrad update in one chain.
+
+``adadagrad_norm`` is ``optax.chain(<test>, adagrad_norm(...))`` with the norm test by default;
+``adadagrad`` is ``optax.chain(<test>, adagrad(...))`` with the coordinate-wise norm test by default (the
+paper's coordinate-wise variant for coordinate-wise AdaGrad). The test comes first, so the chain accepts
+per-example gradients on the leading axis of ``updates`` (or the mean gradient plus ``grad_stats=``), and the
+AdaGrad step sees the mean gradient. The decision is read with :func:`adabatch.batch_size`.
+
+References:
+  Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods", 2024,
+  https://arxiv.org/abs/2402.11215.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from adabatch import rules
+from adabatch._validation import check_choice
+from adabatch.adagrad import adagrad, adagrad_norm
+
+__all__ = ["adadagrad", "adadagrad_norm"]
+
+_TESTS = {
+    "norm": lambda c, kw: rules.norm_test(c["eta"], **kw),
+    "coordinate_norm": lambda c, kw: rules.coordinate_norm_test(
+        c["eta"], aggregation=c["aggregation"], quantile=c["quantile"], guard=c["guard"], **kw
+    ),
+    "inner_product": lambda c, kw: rules.inner_product_test(c["theta"], **kw),
+    "orthogonality": lambda c, kw: rules.orthogonality_test(c["nu"], **kw),
+    "augmented_inner_product": lambda c, kw: rules.augmented_inner_product_test(c["theta"], c["nu"], **kw),
+}
+
+
+def _test(test: str, constants: dict, **kwargs) -> optax.GradientTransformationExtraArgs:
+    check_choice("test", test, _TESTS)
+    return _TESTS[test](constants, kwargs)
+
+
+def adadagrad_norm(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    test: str = "norm",
+    eta: float = 0.1,
+    theta: float = 0.1,
+    nu: float = 0.1,
+    aggregation: str = "mean",
+    quantile: float = 0.5,
+    guard: float = 1e-3,
+    max_batch_size: int = rules.DEFAULT_MAX_BATCH_SIZE,
+    init_batch_size: int = 1,
+    granularity: int = 1,
+    test_interval: int = 1,
+    initial_accumulator_value: float = 1e-2,
+    eps: float = 1e-10,
+    per: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdAdaGrad-Norm: a batch-size test (default the norm test) chained with AdaGrad-Norm.
+
+    At step :math:`k` with batch :math:`\mathcal B_k` of size :math:`b_k`:
+    :math:`v_k=v_{k-1}+\lVert\bar g_k\rVert^2`, :math:`\theta_{k+1}=\theta_k-\alpha\bar g_k/(\sqrt{v_k}+\epsilon)`,
+    and :math:`b_{k+1}` from the test (for the norm test
+    :math:`\max(b_k,\lceil\widehat{\operatorname{tr}\Sigma}/(\eta^2\lVert\bar g_k\rVert^2)\rceil)`).
+
+    Args:
+      learning_rate: :math:`\alpha` (float or schedule).
+      test: ``"norm"`` (default), ``"coordinate_norm"``, ``"inner_product"``, ``"orthogonality"`` or
+        ``"augmented_inner_product"``.
+      eta, theta, nu, aggregation, quantile, guard: the test's constants (see the rules).
+      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
+      initial_accumulator_value, eps, per: as in :func:`adabatch.adagrad_norm`.
+
+    Returns:
+      ``optax.chain(test, adagrad_norm)`` taking per-example gradients (or the mean plus ``grad_stats=``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import adabatch
+      >>> tx = adabatch.adadagrad_norm(0.5, eta=0.5, max_batch_size=256, granularity=8)
+      >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 0.1}
+      >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
+      >>> updates["w"].shape, int(adabatch.batch_size(state)) % 8
+      ((3,), 0)
+    """
+    constants = dict(eta=eta, theta=theta, nu=nu, aggregation=aggregation, quantile=quantile, guard=guard)
+    rule = _test(
+        test,
+        constants,
+        max_batch_size=max_batch_size,
+        init_batch_size=init_batch_size,
+        granularity=granularity,
+        test_interval=test_interval,
+    )
+    return optax.chain(rule, adagrad_norm(learning_rate, initial_accumulator_value, eps, per=per))
+
+
+def adadagrad(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    test: str = "coordinate_norm",
+    eta: float = 0.1,
+    theta: float = 0.1,
+    nu: float = 0.1,
+    aggregation: str = "mean",
+    quantile: float = 0.5,
+    guard: float = 1e-3,
+    max_batch_size: int = rules.DEFAULT_MAX_BATCH_SIZE,
+    init_batch_size: int = 1,
+    granularity: int = 1,
+    test_interval: int = 1,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdAdaGrad: a batch-size test (default the coordinate-wise norm test) chained with coordinate-wise AdaGrad.
+
+    :math:`v_k=v_{k-1}+\bar g_k\odot\bar g_k`, :math:`\theta_{k+1}=\theta_k-\alpha\bar g_k/(\sqrt{v_k}+\epsilon)`,
+    :math:`b_{k+1}` from the test.
+
+    Args:
+      learning_rate: :math:`\alpha` (float or schedule).
+      test: ``"coordinate_norm"`` (default), ``"norm"``, ``"inner_product"``, ``"orthogonality"`` or
+        ``"augmented_inner_product"``.
+      eta, theta, nu, aggregation, quantile, guard: the test's constants (see the rules).
+      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
+      initial_accumulator_value, eps: as in :func:`adabatch.adagrad`.
+
+    Returns:
+      ``optax.chain(test, adagrad)`` taking per-example gradients (or the mean plus ``grad_stats=``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import adabatch
+      >>> tx = adabatch.adadagrad(0.1, eta=0.5, max_batch_size=256)
+      >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 1.0}
+      >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
+      >>> updates["w"].shape, int(adabatch.batch_size(state)) >= 16
+      ((3,), True)
+    """
+    constants = dict(eta=eta, theta=theta, nu=nu, aggregation=aggregation, quantile=quantile, guard=guard)
+    rule = _test(
+        test,
+        constants,
+        max_batch_size=max_batch_size,
+        init_batch_size=init_batch_size,
+        granularity=granularity,
+        test_interval=test_interval,
+    )
+    return optax.chain(rule, adagrad(learning_rate, initial_accumulator_value, eps))

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``adabatch`` command line (see :mod:`adabatch.cli`)."""

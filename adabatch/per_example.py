@@ -1,0 +1,186 @@
+r"""Producers of :class:`~adabatch.stats.GradStats` from a per-example loss function.
+
+``loss_fn(params, batch) -> losses`` returns one loss per example (shape ``(b,)``); ``batch`` is any pytree whose
+leaves share the leading batch axis. The per-example gradient is :math:`g_i = \nabla_\theta \ell_i(\theta)`.
+
+``method="vmap"`` materialises the per-example gradients with ``jax.vmap(jax.grad(...))``: exact for any model,
+at a cost of :math:`b\times` parameters of memory, bounded by ``chunk_size``: the batch is processed
+``chunk_size`` examples at a time inside one ``lax.scan`` and the additive sums are accumulated.
+
+:math:`\sum_i\langle g_i,\bar g\rangle^2` needs the mean of the whole batch. Unchunked, it is read off the
+materialised gradients; chunked, it costs one extra forward-mode pass: :math:`\langle g_i, \bar g\rangle` is the
+directional derivative of :math:`\ell_i` along :math:`\bar g`, so one ``jax.jvp`` of the per-example loss
+vector gives all :math:`b` of them (:func:`inner_products`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adabatch._validation import accumulation_dtype, check_choice, check_floating_tree, check_positive_int
+from adabatch.stats import GradStats, from_per_example
+
+__all__ = ["grad_stats", "inner_products", "per_example_grads"]
+
+METHODS = ("vmap",)
+
+
+def _batch_size(batch: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("batch must have at least one array leaf with a leading batch axis")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [tuple(jnp.shape(x)) for x in leaves]
+        raise ValueError(f"batch leaves must share one leading batch axis; got shapes {shapes}")
+    return sizes.pop()
+
+
+def _check_loss_fn(loss_fn: Callable, params: Any, batch: Any, b: int) -> None:
+    out = jax.eval_shape(loss_fn, params, batch)
+    shape = getattr(out, "shape", None)
+    if shape != (b,):
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape ({b},) for a batch of {b} examples; it returned "
+            f"{'a scalar' if shape == () else f'shape {shape}'}. Return the vector of per-example losses, "
+            "not their mean."
+        )
+
+
+def _example_loss(loss_fn: Callable) -> Callable:
+    """The loss of one example (an unbatched pytree) as a scalar function of params."""
+
+    def single(params, example):
+        one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
+        return loss_fn(params, one)[0]
+
+    return single
+
+
+def per_example_grads(loss_fn: Callable, params: Any, batch: Any, *, return_losses: bool = False) -> Any:
+    """Per-example gradients (leading axis = batch) by ``jax.vmap(jax.grad(...))``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses.
+      params: the parameters (any pytree).
+      batch: a pytree of arrays sharing the leading batch axis.
+      return_losses: also return the ``(b,)`` per-example losses.
+
+    Returns:
+      A params-shaped pytree with a leading axis of size ``b`` (and the losses if asked).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adabatch import per_example_grads
+      >>> loss = lambda w, x: 0.5 * (x @ w) ** 2
+      >>> per_example_grads(loss, jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0], [0.0, 1.0]])).tolist()
+      [[1.0, 0.0], [0.0, 2.0]]
+    """
+    b = _batch_size(batch)
+    _check_loss_fn(loss_fn, params, batch, b)
+    losses, grads = jax.vmap(jax.value_and_grad(_example_loss(loss_fn)), in_axes=(None, 0))(params, batch)
+    return (grads, losses) if return_losses else grads
+
+
+def inner_products(loss_fn: Callable, params: Any, batch: Any, direction: Any) -> jax.Array:
+    r"""All :math:`\langle g_i, v\rangle` in one forward-mode pass: the JVP of the per-example loss vector along
+    ``direction`` :math:`v` (params-shaped). Exact; costs about one forward pass, whatever the number of
+    parameters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adabatch import inner_products
+      >>> loss = lambda w, x: 0.5 * (x @ w) ** 2
+      >>> inner_products(loss, jnp.array([1.0, 2.0]), jnp.eye(2), jnp.array([1.0, 1.0])).tolist()
+      [1.0, 2.0]
+    """
+    direction = jax.tree_util.tree_map(lambda p, v: jnp.asarray(v, jnp.result_type(p)), params, direction)
+    _, tangent = jax.jvp(lambda p: loss_fn(p, batch), (params,), (direction,))
+    return tangent
+
+
+def grad_stats(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    method: str = "vmap",
+    chunk_size: int | None = None,
+    mask: jax.Array | None = None,
+    sq_sum: bool = False,
+    inner_sq_sum: bool = False,
+    return_losses: bool = False,
+) -> GradStats | tuple[GradStats, jax.Array]:
+    r"""Exact :class:`~adabatch.stats.GradStats` of a batch from a per-example loss function.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses :math:`\ell_i` (not their mean).
+      params: the parameters.
+      batch: a pytree of arrays sharing the leading batch axis of size :math:`b`.
+      method: ``"vmap"`` (materialise per-example gradients; exact for any model).
+      chunk_size: process at most this many examples at a time (bounds memory to ``chunk_size`` × parameters);
+        a last partial chunk is padded and masked out.
+      mask: optional ``(b,)`` weights in {0, 1}: examples with weight 0 (padding) are ignored and not counted.
+      sq_sum: also accumulate :math:`S_2=\sum_i g_i\odot g_i` (coordinate-wise tests).
+      inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests).
+      return_losses: also return the ``(b,)`` per-example losses.
+
+    Returns:
+      The statistics (accumulated in float32 at least), and the per-example losses if asked.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adabatch
+      >>> loss = lambda w, x: 0.5 * (x @ w) ** 2
+      >>> s = adabatch.grad_stats(loss, jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+      >>> int(s.count), round(float(s.sq_norm_sum), 4)
+      (3, 23.0)
+    """
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_floating_tree("params", params)
+    b = _batch_size(batch)
+    if mask is not None and jnp.shape(mask) != (b,):
+        raise ValueError(f"mask must have shape ({b},) to match the batch, got {jnp.shape(mask)}")
+    _check_loss_fn(loss_fn, params, batch, b)
+
+    if chunk_size is None or chunk_size >= b:
+        grads, losses = per_example_grads(loss_fn, params, batch, return_losses=True)
+        stats = from_per_example(grads, mask=mask, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
+        return (stats, losses) if return_losses else stats
+
+    n_chunks = -(-b // chunk_size)
+    padded = n_chunks * chunk_size
+    index = jnp.minimum(jnp.arange(padded), b - 1)
+    valid = (jnp.arange(padded) < b).astype(jnp.float32)
+    if mask is not None:
+        valid = valid * jnp.take(jnp.asarray(mask).astype(jnp.float32), index)
+    chunked = jax.tree_util.tree_map(
+        lambda x: jnp.take(x, index, axis=0).reshape((n_chunks, chunk_size) + jnp.shape(x)[1:]), batch
+    )
+    weights = valid.reshape(n_chunks, chunk_size)
+    acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
+
+    def body(carry, chunk):
+        s1, q, s2, count = carry
+        xs, w = chunk
+        grads, losses = per_example_grads(loss_fn, params, xs, return_losses=True)
+        part = from_per_example(grads, mask=w, sq_sum=sq_sum)
+        s1 = jax.tree_util.tree_map(lambda a, m: a + m * part.count.astype(acc), s1, part.mean)
+        s2 = jax.tree_util.tree_map(jnp.add, s2, part.sq_sum) if sq_sum else s2
+        return (s1, q + part.sq_norm_sum, s2, count + part.count), losses
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), acc), params)
+    init = (zeros, jnp.zeros((), acc), zeros if sq_sum else None, jnp.zeros((), jnp.int32))
+    (s1, q, s2, count), losses = jax.lax.scan(body, init, (chunked, weights))
+    mean = jax.tree_util.tree_map(lambda x: x / jnp.maximum(count, 1).astype(acc), s1)
+    inner = None
+    if inner_sq_sum:
+        a = jax.lax.map(lambda xs: inner_products(loss_fn, params, xs, mean), chunked).reshape(padded)
+        inner = jnp.sum(jnp.square(a.astype(acc)) * valid.astype(acc))
+    stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner)
+    return (stats, losses.reshape(padded)[:b]) if return_losses else stats
