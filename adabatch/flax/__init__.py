@@ -1,0 +1,1 @@
+"""Flax integration (the only part of adabatch that imports flax). See :mod:`adabatch.flax.models`."""
