@@ -78,7 +78,9 @@ def _scaled(updates: Any, denominators: Any) -> Any:
     return jax.tree_util.tree_map(lambda g, d: (g.astype(d.dtype) / d).astype(g.dtype), updates, denominators)
 
 
-def scale_by_adagrad(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> optax.GradientTransformation:
+def scale_by_adagrad(
+    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> optax.GradientTransformationExtraArgs:
     r"""Coordinate-wise AdaGrad scaling: :math:`v_k = v_{k-1}+\bar g_k^2`, update
     :math:`\bar g_k/(\sqrt{v_k}+\epsilon)`.
 
@@ -87,7 +89,7 @@ def scale_by_adagrad(initial_accumulator_value: float = 0.0, eps: float = 1e-10)
       eps: :math:`\epsilon \ge 0`, added outside the square root (default 1e-10, as ``torch.optim.Adagrad``).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAdagradState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra arguments ignored) with state :class:`ScaleByAdagradState`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -103,19 +105,19 @@ def scale_by_adagrad(initial_accumulator_value: float = 0.0, eps: float = 1e-10)
     def init_fn(params):
         return ScaleByAdagradState(sum_of_squares=_accumulator(params, initial_accumulator_value))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         check_floating_tree("updates", updates)
         v = jax.tree_util.tree_map(lambda s, g: s + jnp.square(g.astype(s.dtype)), state.sum_of_squares, updates)
         denominators = jax.tree_util.tree_map(lambda s: jnp.sqrt(s) + eps, v)
         return _scaled(updates, denominators), ScaleByAdagradState(sum_of_squares=v)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_adagrad_norm(
     initial_accumulator_value: float = 1e-2, eps: float = 1e-10, *, per: str = "global"
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""AdaGrad-Norm scaling: one accumulator :math:`v_k = v_{k-1}+\lVert\bar g_k\rVert^2`, update
     :math:`\bar g_k/(\sqrt{v_k}+\epsilon)`.
 
@@ -126,7 +128,8 @@ def scale_by_adagrad_norm(
         parameter tensor).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAdagradNormState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra arguments ignored), state
+      :class:`ScaleByAdagradNormState`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -147,8 +150,8 @@ def scale_by_adagrad_norm(
         dtype = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
         return ScaleByAdagradNormState(sum_of_squares=jnp.full((), initial_accumulator_value, dtype))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         check_floating_tree("updates", updates)
         if per == "leaf":
             v = jax.tree_util.tree_map(
@@ -161,7 +164,7 @@ def scale_by_adagrad_norm(
             denominators = jax.tree_util.tree_map(lambda _: jnp.sqrt(v) + eps, updates)
         return _scaled(updates, denominators), ScaleByAdagradNormState(sum_of_squares=v)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adagrad(
