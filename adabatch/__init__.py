@@ -1,0 +1,57 @@
+"""adabatch: adaptive batch sizes and learning rates from gradient noise, as Optax transformations.
+
+See ``README.md`` and ``docs/`` for the maths and examples.
+"""
+
+from adabatch import stats
+from adabatch.adabelief import AdaBeliefState, adabelief, scale_by_belief
+from adabatch.adadagrad import adadagrad, adadagrad_norm
+from adabatch.adagrad import (
+    ScaleByAdagradNormState,
+    ScaleByAdagradState,
+    adagrad,
+    adagrad_norm,
+    scale_by_adagrad,
+    scale_by_adagrad_norm,
+)
+from adabatch.per_example import grad_stats, inner_products, per_example_grads
+from adabatch.rules import (
+    BatchSizeTestState,
+    augmented_inner_product_test,
+    batch_size,
+    coordinate_norm_test,
+    decide,
+    inner_product_test,
+    norm_test,
+    orthogonality_test,
+)
+from adabatch.stats import GradStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaBeliefState",
+    "BatchSizeTestState",
+    "GradStats",
+    "ScaleByAdagradNormState",
+    "ScaleByAdagradState",
+    "adabelief",
+    "adadagrad",
+    "adadagrad_norm",
+    "adagrad",
+    "adagrad_norm",
+    "augmented_inner_product_test",
+    "batch_size",
+    "coordinate_norm_test",
+    "decide",
+    "grad_stats",
+    "inner_product_test",
+    "inner_products",
+    "norm_test",
+    "orthogonality_test",
+    "per_example_grads",
+    "scale_by_adagrad",
+    "scale_by_adagrad_norm",
+    "scale_by_belief",
+    "stats",
+]
