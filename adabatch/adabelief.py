@@ -133,8 +133,9 @@ def scale_by_belief(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (extra arguments ignored) whose state is an
-      :class:`AdaBeliefState`. ``nu_max`` is ``None`` unless ``amsgrad`` (saving a params-sized buffer; ``amsgrad`` is static, so the state tree is fixed for a given
-      transformation). Updates come back in the dtype of the incoming updates.
+      :class:`AdaBeliefState`. ``nu_max`` is ``None`` unless ``amsgrad`` (saving a params-sized buffer;
+      ``amsgrad`` is static, so the state tree is fixed for a given transformation). Updates come back in the
+      dtype of the incoming updates.
 
     Example:
       >>> import jax.numpy as jnp
