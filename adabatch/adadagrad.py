@@ -22,19 +22,25 @@ from adabatch.adagrad import adagrad, adagrad_norm
 __all__ = ["adadagrad", "adadagrad_norm"]
 
 _TESTS = {
-    "norm": lambda c, kw: rules.norm_test(c["eta"], **kw),
-    "coordinate_norm": lambda c, kw: rules.coordinate_norm_test(
-        c["eta"], aggregation=c["aggregation"], quantile=c["quantile"], guard=c["guard"], **kw
+    "norm": lambda a: rules.norm_test(a["eta"], **_shared(a)),
+    "coordinate_norm": lambda a: rules.coordinate_norm_test(
+        a["eta"], aggregation=a["aggregation"], quantile=a["quantile"], guard=a["guard"], **_shared(a)
     ),
-    "inner_product": lambda c, kw: rules.inner_product_test(c["theta"], **kw),
-    "orthogonality": lambda c, kw: rules.orthogonality_test(c["nu"], **kw),
-    "augmented_inner_product": lambda c, kw: rules.augmented_inner_product_test(c["theta"], c["nu"], **kw),
+    "inner_product": lambda a: rules.inner_product_test(a["theta"], **_shared(a)),
+    "orthogonality": lambda a: rules.orthogonality_test(a["nu"], **_shared(a)),
+    "augmented_inner_product": lambda a: rules.augmented_inner_product_test(a["theta"], a["nu"], **_shared(a)),
 }
+_SHARED = ("max_batch_size", "init_batch_size", "granularity", "test_interval")
 
 
-def _test(test: str, constants: dict, **kwargs) -> optax.GradientTransformationExtraArgs:
-    check_choice("test", test, _TESTS)
-    return _TESTS[test](constants, kwargs)
+def _shared(args: dict) -> dict:
+    return {name: args[name] for name in _SHARED}
+
+
+def _rule(args: dict) -> optax.GradientTransformationExtraArgs:
+    """The batch-size test named by ``args["test"]``, built from the combination's own arguments."""
+    check_choice("test", args["test"], _TESTS)
+    return _TESTS[args["test"]](args)
 
 
 def adadagrad_norm(
@@ -82,16 +88,7 @@ def adadagrad_norm(
       >>> updates["w"].shape, int(adabatch.batch_size(state)) % 8
       ((3,), 0)
     """
-    constants = dict(eta=eta, theta=theta, nu=nu, aggregation=aggregation, quantile=quantile, guard=guard)
-    rule = _test(
-        test,
-        constants,
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-    )
-    return optax.chain(rule, adagrad_norm(learning_rate, initial_accumulator_value, eps, per=per))
+    return optax.chain(_rule(locals()), adagrad_norm(learning_rate, initial_accumulator_value, eps, per=per))
 
 
 def adadagrad(
@@ -136,13 +133,4 @@ def adadagrad(
       >>> updates["w"].shape, int(adabatch.batch_size(state)) >= 16
       ((3,), True)
     """
-    constants = dict(eta=eta, theta=theta, nu=nu, aggregation=aggregation, quantile=quantile, guard=guard)
-    rule = _test(
-        test,
-        constants,
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-    )
-    return optax.chain(rule, adagrad(learning_rate, initial_accumulator_value, eps))
+    return optax.chain(_rule(locals()), adagrad(learning_rate, initial_accumulator_value, eps))

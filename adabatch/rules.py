@@ -223,14 +223,9 @@ def _per_example_size(updates: Any, max_batch_size: Any) -> None:
 
 
 def _make_test(
-    test: str,
-    *,
-    max_batch_size: Any,
-    init_batch_size: Any,
-    granularity: Any,
-    test_interval: Any,
-    **constants: Any,
+    test: str, max_batch_size: Any, init_batch_size: Any, granularity: Any, test_interval: Any, **constants: Any
 ) -> optax.GradientTransformationExtraArgs:
+    """The transformation of one test; the public factories validate their constants and call this."""
     check_positive_int("max_batch_size", max_batch_size)
     check_positive_int("init_batch_size", init_batch_size)
     check_positive_int("granularity", granularity)
@@ -327,14 +322,8 @@ def norm_test(
       Lau, Liu, Kolar, "AdAdaGrad", 2024, https://arxiv.org/abs/2402.11215.
     """
     check_positive("eta", eta)
-    return _make_test(
-        "norm",
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-        eta=eta,
-    )
+    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    return _make_test("norm", *shared, eta=eta)
 
 
 @_with_common_doc
@@ -367,14 +356,8 @@ def inner_product_test(
       6
     """
     check_positive("theta", theta)
-    return _make_test(
-        "inner_product",
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-        theta=theta,
-    )
+    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    return _make_test("inner_product", *shared, theta=theta)
 
 
 @_with_common_doc
@@ -405,14 +388,8 @@ def orthogonality_test(
       25
     """
     check_positive("nu", nu)
-    return _make_test(
-        "orthogonality",
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-        nu=nu,
-    )
+    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    return _make_test("orthogonality", *shared, nu=nu)
 
 
 @_with_common_doc
@@ -444,15 +421,8 @@ def augmented_inner_product_test(
     """
     check_positive("theta", theta)
     check_positive("nu", nu)
-    return _make_test(
-        "augmented_inner_product",
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-        theta=theta,
-        nu=nu,
-    )
+    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    return _make_test("augmented_inner_product", *shared, theta=theta, nu=nu)
 
 
 @_with_common_doc
@@ -501,17 +471,8 @@ def coordinate_norm_test(
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_unit_interval("quantile", quantile, closed_left=False)
     check_positive("guard", guard, allow_zero=True)
-    return _make_test(
-        "coordinate_norm",
-        max_batch_size=max_batch_size,
-        init_batch_size=init_batch_size,
-        granularity=granularity,
-        test_interval=test_interval,
-        eta=eta,
-        aggregation=aggregation,
-        quantile=quantile,
-        guard=guard,
-    )
+    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    return _make_test("coordinate_norm", *shared, eta=eta, aggregation=aggregation, quantile=quantile, guard=guard)
 
 
 def batch_size(opt_state: Any) -> jax.Array:

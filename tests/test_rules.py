@@ -161,6 +161,7 @@ def test_batch_size_finds_the_decision_in_any_nesting():
     ]
     for tx in nested:
         assert int(adabatch.batch_size(tx.init(PARAMS))) == 16
+    assert int(optax.tree.get(nested[0].init(PARAMS), "batch_size")) == 16  # optax's own lookup finds it too
     with pytest.raises(ValueError, match="batch_size"):
         adabatch.batch_size(optax.sgd(0.1).init(PARAMS))
 
