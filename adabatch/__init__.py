@@ -3,7 +3,7 @@
 See ``README.md`` and ``docs/`` for the maths and examples.
 """
 
-from adabatch import stats
+from adabatch import ghost, stats
 from adabatch.adabelief import AdaBeliefState, adabelief, scale_by_belief
 from adabatch.adadagrad import adadagrad, adadagrad_norm
 from adabatch.adagrad import (
@@ -14,6 +14,8 @@ from adabatch.adagrad import (
     scale_by_adagrad,
     scale_by_adagrad_norm,
 )
+from adabatch.ghost import ghost_report
+from adabatch.microbatch import device_grad_stats, from_group_means
 from adabatch.per_example import grad_stats, inner_products, per_example_grads
 from adabatch.rules import (
     BatchSizeTestState,
@@ -44,6 +46,10 @@ __all__ = [
     "batch_size",
     "coordinate_norm_test",
     "decide",
+    "device_grad_stats",
+    "from_group_means",
+    "ghost",
+    "ghost_report",
     "grad_stats",
     "inner_product_test",
     "inner_products",

@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from adabatch._validation import accumulation_dtype, check_choice, check_floating_tree, check_positive_int
+from adabatch.ghost import ghost_stats, plan_ghost
+from adabatch.microbatch import DEFAULT_MICROBATCHES, microbatch_grad_stats
 from adabatch.stats import GradStats, from_per_example
 
 __all__ = ["grad_stats", "inner_products", "per_example_grads"]
 
-METHODS = ("vmap",)
+METHODS = ("vmap", "ghost", "auto", "microbatch")
 
 
 def _batch_size(batch: Any) -> int:
@@ -103,56 +105,20 @@ def inner_products(loss_fn: Callable, params: Any, batch: Any, direction: Any) -
     return tangent
 
 
-def grad_stats(
+def _chunked(
+    chunk_fn: Callable,
     loss_fn: Callable,
     params: Any,
     batch: Any,
+    mask,
+    b: int,
+    chunk_size: int,
     *,
-    method: str = "vmap",
-    chunk_size: int | None = None,
-    mask: jax.Array | None = None,
-    sq_sum: bool = False,
-    inner_sq_sum: bool = False,
-    return_losses: bool = False,
-) -> GradStats | tuple[GradStats, jax.Array]:
-    r"""Exact :class:`~adabatch.stats.GradStats` of a batch from a per-example loss function.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses :math:`\ell_i` (not their mean).
-      params: the parameters.
-      batch: a pytree of arrays sharing the leading batch axis of size :math:`b`.
-      method: ``"vmap"`` (materialise per-example gradients; exact for any model).
-      chunk_size: process at most this many examples at a time (bounds memory to ``chunk_size`` × parameters);
-        a last partial chunk is padded and masked out.
-      mask: optional ``(b,)`` weights in {0, 1}: examples with weight 0 (padding) are ignored and not counted.
-      sq_sum: also accumulate :math:`S_2=\sum_i g_i\odot g_i` (coordinate-wise tests).
-      inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests).
-      return_losses: also return the ``(b,)`` per-example losses.
-
-    Returns:
-      The statistics (accumulated in float32 at least), and the per-example losses if asked.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import adabatch
-      >>> loss = lambda w, x: 0.5 * (x @ w) ** 2
-      >>> s = adabatch.grad_stats(loss, jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-      >>> int(s.count), round(float(s.sq_norm_sum), 4)
-      (3, 23.0)
-    """
-    check_choice("method", method, METHODS)
-    check_positive_int("chunk_size", chunk_size, allow_none=True)
-    check_floating_tree("params", params)
-    b = _batch_size(batch)
-    if mask is not None and jnp.shape(mask) != (b,):
-        raise ValueError(f"mask must have shape ({b},) to match the batch, got {jnp.shape(mask)}")
-    _check_loss_fn(loss_fn, params, batch, b)
-
-    if chunk_size is None or chunk_size >= b:
-        grads, losses = per_example_grads(loss_fn, params, batch, return_losses=True)
-        stats = from_per_example(grads, mask=mask, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
-        return (stats, losses) if return_losses else stats
-
+    sq_sum: bool,
+    inner_sq_sum: bool,
+) -> tuple[GradStats, jax.Array]:
+    """Accumulate ``chunk_fn(chunk, weights) -> (partial GradStats, losses)`` over chunks in one ``lax.scan``; the
+    inner products against the final mean take one forward-mode pass per chunk (:func:`inner_products`)."""
     n_chunks = -(-b // chunk_size)
     padded = n_chunks * chunk_size
     index = jnp.minimum(jnp.arange(padded), b - 1)
@@ -167,9 +133,7 @@ def grad_stats(
 
     def body(carry, chunk):
         s1, q, s2, count = carry
-        xs, w = chunk
-        grads, losses = per_example_grads(loss_fn, params, xs, return_losses=True)
-        part = from_per_example(grads, mask=w, sq_sum=sq_sum)
+        part, losses = chunk_fn(*chunk)
         s1 = jax.tree_util.tree_map(lambda a, m: a + m * part.count.astype(acc), s1, part.mean)
         s2 = jax.tree_util.tree_map(jnp.add, s2, part.sq_sum) if sq_sum else s2
         return (s1, q + part.sq_norm_sum, s2, count + part.count), losses
@@ -183,4 +147,115 @@ def grad_stats(
         a = jax.lax.map(lambda xs: inner_products(loss_fn, params, xs, mean), chunked).reshape(padded)
         inner = jnp.sum(jnp.square(a.astype(acc)) * valid.astype(acc))
     stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner)
-    return (stats, losses.reshape(padded)[:b]) if return_losses else stats
+    return stats, losses.reshape(padded)[:b]
+
+
+def grad_stats(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    method: str = "vmap",
+    chunk_size: int | None = None,
+    mask: jax.Array | None = None,
+    sq_sum: bool = False,
+    inner_sq_sum: bool = False,
+    return_losses: bool = False,
+    num_microbatches: int | None = None,
+    return_report: bool = False,
+) -> GradStats | tuple:
+    r""":class:`~adabatch.stats.GradStats` of a batch from a per-example loss function.
+
+    Methods (see ``docs/statistics.md`` for the maths and how to choose):
+
+    * ``"vmap"``: materialise the per-example gradients, :math:`b\times` parameters of memory (bounded by
+      ``chunk_size``). Exact for any model.
+    * ``"ghost"``: exact, from the layers' inputs and output gradients (:mod:`adabatch.ghost`): about the cost of
+      one plain gradient for dense, convolution, embedding and normalisation layers (Flax linen, or plain JAX
+      written with :func:`adabatch.ghost.dense` and friends); the parameters no captured layer covers fall back
+      to vmap, for those parameters only. ``inner_sq_sum`` uses the captured activations (no extra pass).
+    * ``"auto"``: ``"ghost"`` when it covers at least one parameter leaf of the model, else ``"vmap"``: the fastest
+      exact method available.
+    * ``"microbatch"``: an *estimate* from the mean gradients of ``num_microbatches`` groups
+      (:mod:`adabatch.microbatch`): unbiased for :math:`\operatorname{tr}\Sigma` and :math:`\lVert\nabla F\rVert^2`,
+      with :math:`k-1` instead of :math:`b-1` degrees of freedom; costs :math:`k` small gradient steps.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses :math:`\ell_i` (not their mean).
+      params: the parameters.
+      batch: a pytree of arrays sharing the leading batch axis of size :math:`b`.
+      method: ``"vmap"``, ``"ghost"``, ``"auto"`` or ``"microbatch"``.
+      chunk_size: process at most this many examples at a time (``vmap``/``ghost``: bounds memory to
+        ``chunk_size`` × parameters, resp. activations); a last partial chunk is padded and masked out.
+      mask: optional ``(b,)`` weights in {0, 1}: examples with weight 0 (padding) are ignored and not counted.
+      sq_sum: also accumulate :math:`S_2=\sum_i g_i\odot g_i` (coordinate-wise tests).
+      inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests).
+      return_losses: also return the ``(b,)`` per-example losses.
+      num_microbatches: number of groups :math:`k\ge 2` for ``"microbatch"`` (default
+        ``min(8, b)``); ignored by the other methods.
+      return_report: also return a dict mapping every params leaf path to the way its statistics were obtained
+        (``"ghost"``, ``"vmap"``, ``"unused"`` or ``"microbatch"``).
+
+    Returns:
+      The statistics (accumulated in float32 at least), then the per-example losses if asked, then the report if
+      asked.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adabatch
+      >>> loss = lambda w, x: 0.5 * (x @ w) ** 2
+      >>> s = adabatch.grad_stats(loss, jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+      >>> int(s.count), round(float(s.sq_norm_sum), 4)
+      (3, 23.0)
+    """
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_positive_int("num_microbatches", num_microbatches, allow_none=True)
+    check_floating_tree("params", params)
+    b = _batch_size(batch)
+    if mask is not None and jnp.shape(mask) != (b,):
+        raise ValueError(f"mask must have shape ({b},) to match the batch, got {jnp.shape(mask)}")
+    _check_loss_fn(loss_fn, params, batch, b)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+    if method == "microbatch":
+        k = min(DEFAULT_MICROBATCHES, b) if num_microbatches is None else num_microbatches
+        stats, losses = microbatch_grad_stats(
+            loss_fn, params, batch, k, mask=mask, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
+        )
+        report = dict.fromkeys(paths, "microbatch")
+    else:
+        example_loss = _example_loss(loss_fn)
+        plan = None
+        if method in ("ghost", "auto"):
+            plan = plan_ghost(example_loss, params, jax.tree_util.tree_map(lambda x: x[0], batch))
+            if method == "auto" and not plan.covers_any:
+                plan = None
+        if plan is not None:
+            report = plan.report()
+
+            def chunk_fn(xs, w, inner=False):
+                return ghost_stats(plan, example_loss, params, xs, w, sq_sum=sq_sum, inner_sq_sum=inner)
+
+        else:
+            report = dict.fromkeys(paths, "vmap")
+
+            def chunk_fn(xs, w, inner=False):
+                grads, losses = per_example_grads(loss_fn, params, xs, return_losses=True)
+                return from_per_example(grads, mask=w, sq_sum=sq_sum, inner_sq_sum=inner), losses
+
+        if chunk_size is None or chunk_size >= b:
+            weights = mask
+            if plan is not None and mask is None:  # ghost weighs every example; vmap skips the multiplication
+                weights = jnp.ones((b,), jnp.float32)
+            stats, losses = chunk_fn(batch, weights, inner_sq_sum)
+        else:
+            stats, losses = _chunked(
+                chunk_fn, loss_fn, params, batch, mask, b, chunk_size, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
+            )
+    out = (stats,)
+    if return_losses:
+        out += (losses,)
+    if return_report:
+        out += (report,)
+    return out[0] if len(out) == 1 else out
