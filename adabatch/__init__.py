@@ -3,7 +3,7 @@
 See ``README.md`` and ``docs/`` for the maths and examples.
 """
 
-from adabatch import ghost, stats
+from adabatch import data, ghost, stats
 from adabatch.adabelief import AdaBeliefState, adabelief, scale_by_belief
 from adabatch.adadagrad import adadagrad, adadagrad_norm
 from adabatch.adagrad import (
@@ -28,15 +28,27 @@ from adabatch.rules import (
     orthogonality_test,
 )
 from adabatch.stats import GradStats
+from adabatch.train import (
+    FitResult,
+    TrainState,
+    TrainStep,
+    fit,
+    init_train_state,
+    make_train_step,
+    required_statistics,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaBeliefState",
     "BatchSizeTestState",
+    "FitResult",
     "GradStats",
     "ScaleByAdagradNormState",
     "ScaleByAdagradState",
+    "TrainState",
+    "TrainStep",
     "adabelief",
     "adadagrad",
     "adadagrad_norm",
@@ -45,17 +57,22 @@ __all__ = [
     "augmented_inner_product_test",
     "batch_size",
     "coordinate_norm_test",
+    "data",
     "decide",
     "device_grad_stats",
+    "fit",
     "from_group_means",
     "ghost",
     "ghost_report",
     "grad_stats",
+    "init_train_state",
     "inner_product_test",
     "inner_products",
+    "make_train_step",
     "norm_test",
     "orthogonality_test",
     "per_example_grads",
+    "required_statistics",
     "scale_by_adagrad",
     "scale_by_adagrad_norm",
     "scale_by_belief",

@@ -66,6 +66,7 @@ __all__ = [
 TESTS = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm")
 AGGREGATIONS = ("max", "mean", "quantile")
 DEFAULT_MAX_BATCH_SIZE = 50_000  # the AdAdaGrad reference code's default cap
+DEFAULT_INIT_BATCH_SIZE = 16  # small, yet enough examples for a usable variance estimate
 
 
 class BatchSizeTestState(NamedTuple):
@@ -228,6 +229,11 @@ def _make_test(
     """The transformation of one test; the public factories validate their constants and call this."""
     check_positive_int("max_batch_size", max_batch_size)
     check_positive_int("init_batch_size", init_batch_size)
+    if is_concrete(init_batch_size) and int(init_batch_size) < 2:
+        raise ValueError(
+            f"init_batch_size must be at least 2, got {init_batch_size}: one example cannot estimate a variance, so "
+            "a loop that feeds the decided size would stay at one example forever"
+        )
     check_positive_int("granularity", granularity)
     check_positive_int("test_interval", test_interval)
     if is_concrete(max_batch_size) and is_concrete(init_batch_size) and int(init_batch_size) > int(max_batch_size):
@@ -268,7 +274,8 @@ def _make_test(
 
 _COMMON_DOC = """      max_batch_size: the cap :math:`B_{\\max}` (default 50 000, the reference code's); a multiple of
         ``granularity`` and at least ``init_batch_size``.
-      init_batch_size: the decision before the first update (default 1: the first batch's own size is the floor).
+      init_batch_size: the decision before the first update, the size of the first batch (default 16; at least 2:
+        one example cannot estimate a variance, so a loop feeding the decision would never move).
       granularity: round every decision up to a multiple of this (e.g. micro-batch size × devices).
       test_interval: run the test every this many updates; in between the decision stays.
 
@@ -291,7 +298,7 @@ def norm_test(
     eta: float = 0.1,
     *,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = 1,
+    init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -311,7 +318,7 @@ def norm_test(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import adabatch
-      >>> tx = adabatch.norm_test(eta=0.5, max_batch_size=1024)
+      >>> tx = adabatch.norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
       >>> per_example = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
       >>> int(adabatch.batch_size(state))
@@ -331,7 +338,7 @@ def inner_product_test(
     theta: float = 0.1,
     *,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = 1,
+    init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -350,7 +357,7 @@ def inner_product_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.inner_product_test(theta=0.25, max_batch_size=1024)
+      >>> tx = adabatch.inner_product_test(theta=0.25, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       6
@@ -365,7 +372,7 @@ def orthogonality_test(
     nu: float = 0.1,
     *,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = 1,
+    init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -382,7 +389,7 @@ def orthogonality_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.orthogonality_test(nu=0.5, max_batch_size=1024)
+      >>> tx = adabatch.orthogonality_test(nu=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
@@ -398,7 +405,7 @@ def augmented_inner_product_test(
     nu: float = 0.1,
     *,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = 1,
+    init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -414,7 +421,7 @@ def augmented_inner_product_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.augmented_inner_product_test(theta=0.25, nu=0.5, max_batch_size=1024)
+      >>> tx = adabatch.augmented_inner_product_test(theta=0.25, nu=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
@@ -433,7 +440,7 @@ def coordinate_norm_test(
     quantile: float = 0.5,
     guard: float = 1e-3,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = 1,
+    init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -462,7 +469,7 @@ def coordinate_norm_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.coordinate_norm_test(eta=0.5, max_batch_size=1024)
+      >>> tx = adabatch.coordinate_norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       27
@@ -492,7 +499,12 @@ def batch_size(opt_state: Any) -> jax.Array:
     found = _find_batch_size(opt_state)
     if found is None:
         raise ValueError("opt_state holds no batch-size rule state (no field named 'batch_size')")
-    return found
+    return _unwrap(found)
+
+
+def _unwrap(value: Any) -> jax.Array:
+    """The array inside a variable wrapper (an ``nnx.Optimizer`` keeps its state in ``OptArray`` variables)."""
+    return value if isinstance(value, jax.Array) or not hasattr(value, "value") else value.value
 
 
 def _find_batch_size(node: Any, seen: set[int] | None = None) -> jax.Array | None:

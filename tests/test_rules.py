@@ -79,10 +79,10 @@ def test_thresholds_are_the_smallest_passing_constants():
 @pytest.mark.parametrize("aggregation", ["max", "mean"])
 def test_coordinate_aggregations(aggregation):
     grads = _grads(5, 12, 0.4)
-    tx = adabatch.coordinate_norm_test(0.5, aggregation=aggregation, max_batch_size=10**6)
+    tx = adabatch.coordinate_norm_test(0.5, aggregation=aggregation, max_batch_size=10**6, init_batch_size=2)
     state = tx.update(grads, tx.init(PARAMS))[1]
     required = ref.required_batch("coordinate_norm", _flat(grads), eta=0.5, aggregation=aggregation)
-    assert int(state.batch_size) == ref.next_batch_size(required, 1, 12, 10**6)
+    assert int(state.batch_size) == ref.next_batch_size(required, 2, 12, 10**6)
 
 
 def test_coordinate_quantile_and_guard():
@@ -164,6 +164,8 @@ def test_batch_size_finds_the_decision_in_any_nesting():
     assert int(optax.tree.get(nested[0].init(PARAMS), "batch_size")) == 16  # optax's own lookup finds it too
     with pytest.raises(ValueError, match="batch_size"):
         adabatch.batch_size(optax.sgd(0.1).init(PARAMS))
+    assert int(adabatch.batch_size(optax.chain(rule).init(PARAMS))) == 16
+    assert adabatch.norm_test().init(PARAMS).batch_size == 16  # the default first batch
 
 
 def test_inject_hyperparams_changes_eta_without_retracing():
@@ -190,6 +192,7 @@ def test_inject_hyperparams_changes_eta_without_retracing():
         (lambda: adabatch.norm_test(max_batch_size=0), "max_batch_size"),
         (lambda: adabatch.norm_test(max_batch_size=2.5), "max_batch_size"),
         (lambda: adabatch.norm_test(max_batch_size=64, init_batch_size=128), "max_batch_size=64"),
+        (lambda: adabatch.norm_test(init_batch_size=1), "at least 2"),
         (lambda: adabatch.norm_test(max_batch_size=100, granularity=8), "granularity"),
         (lambda: adabatch.norm_test(test_interval=0), "test_interval"),
         (lambda: adabatch.coordinate_norm_test(aggregation="median"), "aggregation"),

@@ -1,0 +1,269 @@
+"""``adabatch train``: train a small Flax model (CNN by default) on scikit-learn's digits with one configuration.
+
+Writes ``<out>/metrics.jsonl`` (one line per step), ``<out>/summary.json`` and PNG plots; with
+``--checkpoint-dir`` the run is checkpointed and ``--resume`` continues it exactly. The helpers here (building the
+transformation, running one configuration, writing outputs) are shared with ``adabatch demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OPTIMIZERS", "RULES", "build_tx", "params_sha256", "register", "run_config", "write_plots"]
+
+RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm", "none")
+OPTIMIZERS = ("adagrad_norm", "adagrad", "adabelief", "sgd", "adam")
+
+
+def build_tx(rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size: int) -> Any:
+    """``optax.chain(<rule>, <optimizer>)`` (just the optimizer for ``rule="none"``).
+
+    ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests.
+    """
+    import optax
+
+    from adabatch import rules
+    from adabatch.adabelief import adabelief
+    from adabatch.adagrad import adagrad, adagrad_norm
+
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid choices: {', '.join(RULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    opt = {
+        "adagrad_norm": adagrad_norm,
+        "adagrad": adagrad,
+        "adabelief": adabelief,
+        "sgd": optax.sgd,
+        "adam": optax.adam,
+    }[optimizer](lr)
+    if rule == "none":
+        return opt
+    cap = {"max_batch_size": max_batch_size}
+    test = {
+        "norm": lambda: rules.norm_test(eta, **cap),
+        "inner_product": lambda: rules.inner_product_test(eta, **cap),
+        "orthogonality": lambda: rules.orthogonality_test(eta, **cap),
+        "augmented_inner_product": lambda: rules.augmented_inner_product_test(eta, eta, **cap),
+        "coordinate_norm": lambda: rules.coordinate_norm_test(eta, **cap),
+    }[rule]()
+    return optax.chain(test, opt)
+
+
+def params_sha256(params: Any) -> str:
+    """SHA-256 of the parameters' bytes, leaves in tree order (equal digests = bit-identical parameters)."""
+    import jax
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_config(
+    name: str,
+    tx: Any,
+    *,
+    data: Any,
+    model: Any,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    eval_every: int,
+    metrics_file: Any = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    micro_batch_size: int | None = None,
+) -> tuple[dict, list[dict]]:
+    """Train ``model`` on ``data`` (a :class:`adabatch.datasets.Split`) with ``tx``; returns (summary, history).
+
+    The test accuracy is evaluated every ``eval_every`` steps and at the last step (key ``test_accuracy`` of those
+    history records). Each history record is written as one JSON line to ``metrics_file`` (with ``run=name``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from adabatch.flax.models import classification_loss
+    from adabatch.train import fit, init_train_state, make_train_step
+
+    params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
+    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, data.x_test), -1) == data.y_test))
+    step = make_train_step(classification_loss(model.apply), tx, micro_batch_size=micro_batch_size)
+
+    def evaluate(state, record):
+        if record["step"] % eval_every == 0 or record["step"] == steps:
+            record["test_accuracy"] = float(accuracy(state.params))
+        record["run"] = name
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    start = time.perf_counter()
+    result = fit(
+        step,
+        init_train_state(params, tx, seed=seed),
+        (data.x_train, data.y_train),
+        num_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        callback=evaluate,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=progress,
+    )
+    history = result.history
+    summary = {
+        "test_accuracy": float(accuracy(result.state.params)),
+        "steps": int(result.state.step),
+        "samples": int(result.state.samples),
+        "compilations": result.compilations,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "batch_sizes": [h["batch_size"] for h in history],
+        "params_sha256": params_sha256(result.state.params),
+        "skipped_updates": int(result.state.skipped),
+    }
+    return summary, history
+
+
+def write_plots(out: str, histories: dict[str, list[dict]]) -> list[str]:
+    """PNG plots of the runs' histories (loss against samples and steps, batch size, test accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("loss_vs_samples.png", "samples", "loss", "training loss (batch mean)", "log"),
+        ("loss_vs_steps.png", "step", "loss", "training loss (batch mean)", "log"),
+        ("batch_size.png", "step", "batch_size", "batch size", "log"),
+        ("test_accuracy.png", "step", "test_accuracy", "test accuracy", "linear"),
+    ]
+    written = []
+    for filename, x_key, y_key, label, yscale in panels:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for name, history in histories.items():
+            points = [(h[x_key], h[y_key]) for h in history if h.get(y_key) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=name, lw=1.2)
+        ax.set_xlabel("examples seen" if x_key == "samples" else "optimizer step")
+        ax.set_ylabel(label)
+        ax.set_yscale(yscale)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, filename)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _main(args: argparse.Namespace) -> int:
+    from adabatch.datasets import load_digits
+    from adabatch.flax.models import CNN, MLP
+
+    try:
+        tx = build_tx(args.rule, args.optimizer, lr=args.lr, eta=args.eta, max_batch_size=args.max_batch_size)
+    except ValueError as exc:
+        print(f"adabatch train: error: {exc}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    name = f"{args.rule}+{args.optimizer}"
+    with open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") as metrics_file:
+        try:
+            summary, history = run_config(
+                name,
+                tx,
+                data=load_digits(seed=args.seed),
+                model=CNN() if args.model == "cnn" else MLP(features=(32,)),
+                batch_size=args.batch_size,
+                steps=args.steps,
+                seed=args.seed,
+                eval_every=args.eval_every,
+                metrics_file=metrics_file,
+                checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every,
+                resume=args.resume,
+                progress=not args.quiet,
+                micro_batch_size=args.micro_batch_size,
+            )
+        except ValueError as exc:  # CheckpointError included: a clear message, nothing overwritten
+            print(f"adabatch train: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                "adabatch train: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr
+            )
+            return 130
+    summary["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({name: summary}, f, indent=2)
+    write_plots(args.out, {name: history})
+    sizes = summary["batch_sizes"]
+    print(
+        f"{name}: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
+        f"{summary['samples']} samples, batch {sizes[0] if sizes else '-'}→{sizes[-1] if sizes else '-'}, "
+        f"{summary['compilations']} compilations, {summary['wall_time_s']:.1f} s; wrote {args.out}"
+    )
+    return 0
+
+
+def _choice(valid: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; valid choices: {', '.join(valid)}")
+        return value
+
+    return parse
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` sub-command."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train the digits CNN with one rule/optimizer configuration",
+        description="Train adabatch.flax.models.CNN on scikit-learn's digits with one configuration.",
+    )
+    parser.add_argument("--rule", type=_choice(RULES, "rule"), default="norm", help=f"one of {', '.join(RULES)}")
+    parser.add_argument(
+        "--optimizer",
+        type=_choice(OPTIMIZERS, "optimizer"),
+        default="adagrad_norm",
+        help=f"one of {', '.join(OPTIMIZERS)}",
+    )
+    parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="the CNN, or a small MLP")
+    parser.add_argument("--eta", type=float, default=0.8, help="the rule's constant (η, or θ/ν)")
+    parser.add_argument("--lr", type=float, default=0.3, help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="first (and smallest) batch size")
+    parser.add_argument("--max-batch-size", type=int, default=48, help="the rule's cap")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="physical micro-batch (default: none)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps in total")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=10, help="evaluate the test accuracy every N steps")
+    parser.add_argument("--out", default=os.path.join("runs", "train"), help="output directory")
+    parser.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (orbax)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint interval in steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_main)

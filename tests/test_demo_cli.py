@@ -1,0 +1,82 @@
+"""Smoke tests of ``adabatch demo --quick`` and ``adabatch train`` (in-process, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from adabatch.cli import main
+
+SUMMARY_KEYS = {"test_accuracy", "steps", "samples", "compilations", "wall_time_s", "batch_sizes", "params_sha256"}
+
+
+def test_demo_quick_writes_metrics_summary_and_plots(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"small", "adaptive", "large"}
+    for name, run in summary.items():
+        assert SUMMARY_KEYS <= set(run), name
+        assert run["steps"] == len(run["batch_sizes"]) and run["samples"] == sum(run["batch_sizes"])
+        assert 1 <= run["compilations"] <= 3 and len(run["params_sha256"]) == 64
+    assert summary["small"]["steps"] == 2 * summary["adaptive"]["steps"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(run["steps"] for run in summary.values())
+    assert {line["run"] for line in lines} == set(summary)
+    for plot in ("loss_vs_samples.png", "loss_vs_steps.png", "batch_size.png", "test_accuracy.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "adaptive" in table and "reached the target" in table
+
+
+def train(tmp_path, out, *extra):
+    argv = [
+        "train",
+        "--quiet",
+        "--model",
+        "mlp",
+        "--batch-size",
+        "16",
+        "--max-batch-size",
+        "16",
+        "--out",
+        str(tmp_path / out),
+        *extra,
+    ]
+    assert main(argv) == 0
+    (run,) = json.loads((tmp_path / out / "summary.json").read_text()).values()
+    return run
+
+
+def test_train_resumes_bit_identically(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    full = train(
+        tmp_path, "full", "--steps", "4", "--eval-every", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"
+    )
+    assert SUMMARY_KEYS <= set(full) and full["steps"] == 4 and full["compilations"] == 1
+    # A run stopped after step 2 has exactly the step-2 checkpoint: resume from a copy of it.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(ckpt, stopped, ignore=lambda d, names: ["4"] if d == str(ckpt) else [])
+    resumed = train(tmp_path, "part", "--steps", "4", "--checkpoint-dir", str(stopped), "--resume")
+    assert resumed["steps"] == 4 and resumed["params_sha256"] == full["params_sha256"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()] == [
+        3,
+        4,
+    ]
+
+
+def test_train_refuses_to_overwrite_checkpoints_and_reports_missing_ones(tmp_path, capsys):
+    ckpt = tmp_path / "empty"
+    argv = ["train", "--quiet", "--model", "mlp", "--steps", "2", "--out", str(tmp_path / "o"), "--checkpoint-dir"]
+    assert main([*argv, str(ckpt), "--resume"]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err and not ckpt.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--rule", "nope"), ("--optimizer", "adamw2")])
+def test_unknown_names_list_the_valid_choices(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert value in err and "valid choices" in err and ("norm" in err if flag == "--rule" else "adagrad_norm" in err)
