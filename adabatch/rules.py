@@ -171,9 +171,7 @@ def decide(
     n = jnp.asarray(stats.count, jnp.int32)
     cap = jnp.asarray(max_batch_size, jnp.int32)
     ceiling = jnp.ceil(jnp.minimum(req.required, jnp.asarray(cap, jnp.float32))).astype(jnp.int32)
-    proposed = jnp.maximum(jnp.maximum(state.batch_size, n), ceiling)
-    g = jnp.asarray(granularity, jnp.int32)
-    proposed = jnp.minimum(-(-proposed // g) * g, cap)
+    proposed = round_batch_size(jnp.maximum(jnp.maximum(state.batch_size, n), ceiling), granularity, cap)
     scheduled = state.count % jnp.asarray(test_interval, jnp.int32) == 0
     run = scheduled & req.finite
     keep = lambda new, old: jnp.where(run, jnp.asarray(new, old.dtype), old)  # noqa: E731
@@ -188,7 +186,45 @@ def decide(
     )
 
 
-def _check_grad_stats(grad_stats: Any, updates: Any, test: str) -> None:
+def round_batch_size(proposed: jax.Array, granularity: Any, max_batch_size: Any) -> jax.Array:
+    """``min(max_batch_size, roundup_granularity(max(proposed, 1)))`` in int32 (every rule rounds this way)."""
+    g = jnp.asarray(granularity, jnp.int32)
+    return jnp.minimum(-(-jnp.maximum(proposed, 1) // g) * g, jnp.asarray(max_batch_size, jnp.int32))
+
+
+def check_rule_arguments(max_batch_size: Any, init_batch_size: Any, granularity: Any, test_interval: Any) -> None:
+    """The eager checks every batch-size rule applies to its shared arguments (ValueError naming the argument)."""
+    check_positive_int("max_batch_size", max_batch_size)
+    check_positive_int("init_batch_size", init_batch_size)
+    check_positive_int("granularity", granularity)
+    check_positive_int("test_interval", test_interval)
+    if is_concrete(init_batch_size) and int(init_batch_size) < 2:
+        raise ValueError(
+            f"init_batch_size must be at least 2, got {init_batch_size}: one example cannot estimate a variance, so "
+            "a loop that feeds the decided size would stay at one example forever"
+        )
+    if is_concrete(max_batch_size) and is_concrete(init_batch_size) and int(init_batch_size) > int(max_batch_size):
+        raise ValueError(f"max_batch_size={max_batch_size} is below init_batch_size={init_batch_size}")
+    if is_concrete(max_batch_size) and is_concrete(granularity) and int(max_batch_size) % int(granularity):
+        raise ValueError(f"max_batch_size={max_batch_size} must be a multiple of granularity={granularity}")
+
+
+def read_statistics(
+    updates: Any, grad_stats: Any, max_batch_size: Any, *, sq_sum: bool = False, inner_sq_sum: bool = False
+) -> tuple[Any, st.GradStats]:
+    """The two entry points of a rule: ``(mean updates, GradStats)`` from per-example ``updates`` (leading axis), or
+    from ``updates`` (the mean) and ``grad_stats``, checking that the statistics fit the updates and hold the
+    optional fields the rule needs."""
+    check_floating_tree("updates", updates)
+    if grad_stats is None:
+        _per_example_size(updates, max_batch_size)
+        stats = st.from_per_example(updates, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
+        return jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates), stats
+    _check_grad_stats(grad_stats, updates, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
+    return updates, grad_stats
+
+
+def _check_grad_stats(grad_stats: Any, updates: Any, *, sq_sum: bool, inner_sq_sum: bool) -> None:
     if not isinstance(grad_stats, st.GradStats):
         raise ValueError(f"grad_stats must be an adabatch.GradStats, got {type(grad_stats).__name__}")
     ours, theirs = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(grad_stats.mean)
@@ -200,11 +236,11 @@ def _check_grad_stats(grad_stats: Any, updates: Any, test: str) -> None:
     check_floating_tree("grad_stats.mean", grad_stats.mean)
     if not jnp.issubdtype(jnp.result_type(grad_stats.sq_norm_sum), jnp.floating):
         raise ValueError(f"grad_stats.sq_norm_sum must be floating, got {jnp.result_type(grad_stats.sq_norm_sum)}")
-    if test == "coordinate_norm" and grad_stats.sq_sum is None:
-        raise ValueError("grad_stats.sq_sum is None; the coordinate-wise test needs it (grad_stats(..., sq_sum=True))")
-    if test in ("inner_product", "orthogonality", "augmented_inner_product") and grad_stats.inner_sq_sum is None:
+    if sq_sum and grad_stats.sq_sum is None:
+        raise ValueError("grad_stats.sq_sum is None; this rule needs it (compute with grad_stats(..., sq_sum=True))")
+    if inner_sq_sum and grad_stats.inner_sq_sum is None:
         raise ValueError(
-            f"grad_stats.inner_sq_sum is None; the {test} test needs it (grad_stats(..., inner_sq_sum=True))"
+            "grad_stats.inner_sq_sum is None; this rule needs it (compute with grad_stats(..., inner_sq_sum=True))"
         )
 
 
@@ -227,19 +263,7 @@ def _make_test(
     test: str, max_batch_size: Any, init_batch_size: Any, granularity: Any, test_interval: Any, **constants: Any
 ) -> optax.GradientTransformationExtraArgs:
     """The transformation of one test; the public factories validate their constants and call this."""
-    check_positive_int("max_batch_size", max_batch_size)
-    check_positive_int("init_batch_size", init_batch_size)
-    if is_concrete(init_batch_size) and int(init_batch_size) < 2:
-        raise ValueError(
-            f"init_batch_size must be at least 2, got {init_batch_size}: one example cannot estimate a variance, so "
-            "a loop that feeds the decided size would stay at one example forever"
-        )
-    check_positive_int("granularity", granularity)
-    check_positive_int("test_interval", test_interval)
-    if is_concrete(max_batch_size) and is_concrete(init_batch_size) and int(init_batch_size) > int(max_batch_size):
-        raise ValueError(f"max_batch_size={max_batch_size} is below init_batch_size={init_batch_size}")
-    if is_concrete(max_batch_size) and is_concrete(granularity) and int(max_batch_size) % int(granularity):
-        raise ValueError(f"max_batch_size={max_batch_size} must be a multiple of granularity={granularity}")
+    check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
     hp = dict(max_batch_size=max_batch_size, granularity=granularity, test_interval=test_interval, **constants)
     needs_sq_sum = test == "coordinate_norm"
     needs_inner = test in ("inner_product", "orthogonality", "augmented_inner_product")
@@ -259,14 +283,9 @@ def _make_test(
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        check_floating_tree("updates", updates)
-        if grad_stats is None:
-            _per_example_size(updates, max_batch_size)
-            stats = st.from_per_example(updates, sq_sum=needs_sq_sum, inner_sq_sum=needs_inner)
-            updates = jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates)
-        else:
-            _check_grad_stats(grad_stats, updates, test)
-            stats = grad_stats
+        updates, stats = read_statistics(
+            updates, grad_stats, max_batch_size, sq_sum=needs_sq_sum, inner_sq_sum=needs_inner
+        )
         return updates, decide(test, stats, state, **hp)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,66 @@
+"""``adabatch experiment``: experiments that test the papers' claims (see ``docs/experiments.md``).
+
+``adabatch experiment lr-vs-batch --optimizer sgd|adam|adabelief|sign [--data digits|text] [--quick] [--out DIR]``
+trains a grid of batch sizes × learning rates, finds the optimal learning rate per batch size, fits the linear,
+square-root and surge laws with confidence intervals, measures the gradient noise scale and writes
+``results.json``, ``summary.md`` and PNG plots to ``DIR`` (default ``results/lr-vs-batch-<optimizer>-<data>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``experiment`` command and its sub-commands."""
+    from adabatch.experiments.lr_vs_batch import DATASETS, OPTIMIZERS
+
+    parser = subparsers.add_parser("experiment", help="run an experiment that tests a paper's claim")
+    experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    lr = experiments.add_parser(
+        "lr-vs-batch",
+        help="optimal learning rate against batch size: linear, sqrt and surge laws vs the measured noise scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lr.add_argument("--optimizer", choices=OPTIMIZERS, required=True)
+    lr.add_argument("--data", choices=DATASETS, default="digits", help="digits (MLP) or text (small transformer LM)")
+    lr.add_argument("--quick", action="store_true", help="a tiny grid that runs in seconds (for tests)")
+    lr.add_argument("--out", default=None, help="output folder (default results/lr-vs-batch-<optimizer>-<data>)")
+    lr.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    lr.add_argument("--samples", type=int, default=None, help="override the training budget in examples")
+    lr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lr.set_defaults(func=_lr_vs_batch)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _lr_vs_batch(args: argparse.Namespace) -> int:
+    from adabatch.experiments.lr_vs_batch import default_grid, run
+
+    grid = default_grid(args.optimizer, args.data, args.quick)
+    for name in ("seeds", "samples"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                print(f"--{name} must be >= 1, got {value}", file=sys.stderr)
+                return 2
+            grid = dataclasses.replace(grid, **{name: value})
+    out = args.out or f"results/lr-vs-batch-{args.optimizer}-{args.data}"
+    command = "adabatch " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
+    result = run(
+        args.optimizer,
+        args.data,
+        quick=args.quick,
+        out=out,
+        grid=grid,
+        progress=not args.no_progress,
+        command=command,
+    )
+    print(f"wrote {out}/results.json, summary.md, {', '.join(result.get('plots', []))} ({result['elapsed_s']:.0f} s)")
+    for line in result["verdict"]:
+        print(" ", line)
+    return 0
