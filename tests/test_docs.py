@@ -1,4 +1,7 @@
-"""Every ```python block of the README and of every page under docs/ runs as written (a page's blocks run in order, together)."""
+"""Every ```python block of the README and of every page under docs/ runs as written.
+
+A page's blocks run in order, together, in a fresh namespace and a temporary working directory.
+"""
 
 from __future__ import annotations
 
