@@ -133,14 +133,24 @@ def test_linen_mlp_and_cnn():
         assert set(report.values()) == {"ghost"}, report
 
 
-def test_linen_transformer_reports_positions_fallback():
+def test_linen_transformer_is_covered_and_raw_params_fall_back():
     model = TransformerLM(vocab_size=32, d_model=8, num_heads=2, num_layers=1, max_len=6)
     tokens = jax.random.randint(jax.random.key(4), (4, 6), 0, 32)
     params = model.init(jax.random.key(5), tokens)["params"]
-    loss_fn = language_model_loss(model.apply)
-    report = check_ghost(loss_fn, params, (tokens, tokens))
-    assert report.pop("['positions']") == "vmap"  # a raw self.param read outside any layer
-    assert set(report.values()) == {"ghost"}
+    report = check_ghost(language_model_loss(model.apply), params, (tokens, tokens))
+    assert set(report.values()) == {"ghost"}  # embeddings (tokens and positions), attention, MLP, LayerNorms
+
+    class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))  # read outside any layer
+            return nn.Dense(1)(x * scale)[:, 0]
+
+    x = jax.random.normal(jax.random.key(6), (5, 3))
+    scaled = Scaled()
+    params = scaled.init(jax.random.key(7), x)["params"]
+    report = check_ghost(lambda p, x: jnp.square(scaled.apply({"params": p}, x)), params, x)
+    assert report == {"['Dense_0']['bias']": "ghost", "['Dense_0']['kernel']": "ghost", "['scale']": "vmap"}
 
 
 class _Layers(nn.Module):

@@ -71,8 +71,11 @@ class TransformerLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = nn.Embed(self.vocab_size, self.d_model)(tokens)
-        positions = self.param("positions", nn.initializers.normal(0.02), (self.max_len, self.d_model))
-        x = x + positions[: tokens.shape[1]]
+        # Learned positions as an embedding of each example's position ids (so ghost statistics cover it too).
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = x + nn.Embed(self.max_len, self.d_model, embedding_init=nn.initializers.normal(0.02), name="positions")(
+            positions
+        )
         for _ in range(self.num_layers):
             x = _Block(self.d_model, self.num_heads)(x)
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
