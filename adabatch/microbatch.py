@@ -53,6 +53,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adabatch._chunks import split_batch
 from adabatch._validation import accumulation_dtype, check_positive_int
 from adabatch.stats import GradStats, _tree_sq_norm, _unbiased
 
@@ -236,14 +237,7 @@ def microbatch_grad_stats(
         raise ValueError(f"num_microbatches must be at most the batch size {b}, got {num_microbatches}")
     size = -(-b // num_microbatches)
     padded = size * num_microbatches
-    index = jnp.minimum(jnp.arange(padded), b - 1)
-    weights = (jnp.arange(padded) < b).astype(jnp.float32)
-    if mask is not None:
-        weights = weights * jnp.take(jnp.asarray(mask).astype(jnp.float32), index)
-    groups = jax.tree_util.tree_map(
-        lambda x: jnp.take(x, index, axis=0).reshape((num_microbatches, size) + jnp.shape(x)[1:]), batch
-    )
-    weights = weights.reshape(num_microbatches, size)
+    groups, weights = split_batch(batch, num_microbatches, size, mask)
 
     def group_mean(args):
         xs, w = args

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adabatch._chunks import split_batch
 from adabatch._validation import accumulation_dtype, check_choice, check_floating_tree, check_positive_int
 from adabatch.ghost import ghost_stats, plan_ghost
 from adabatch.microbatch import DEFAULT_MICROBATCHES, microbatch_grad_stats
@@ -121,14 +122,7 @@ def _chunked(
     inner products against the final mean take one forward-mode pass per chunk (:func:`inner_products`)."""
     n_chunks = -(-b // chunk_size)
     padded = n_chunks * chunk_size
-    index = jnp.minimum(jnp.arange(padded), b - 1)
-    valid = (jnp.arange(padded) < b).astype(jnp.float32)
-    if mask is not None:
-        valid = valid * jnp.take(jnp.asarray(mask).astype(jnp.float32), index)
-    chunked = jax.tree_util.tree_map(
-        lambda x: jnp.take(x, index, axis=0).reshape((n_chunks, chunk_size) + jnp.shape(x)[1:]), batch
-    )
-    weights = valid.reshape(n_chunks, chunk_size)
+    chunked, weights = split_batch(batch, n_chunks, chunk_size, mask)
     acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
 
     def body(carry, chunk):
@@ -145,7 +139,7 @@ def _chunked(
     inner = None
     if inner_sq_sum:
         a = jax.lax.map(lambda xs: inner_products(loss_fn, params, xs, mean), chunked).reshape(padded)
-        inner = jnp.sum(jnp.square(a.astype(acc)) * valid.astype(acc))
+        inner = jnp.sum(jnp.square(a.astype(acc)) * weights.reshape(padded).astype(acc))
     stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner)
     return stats, losses.reshape(padded)[:b]
 
