@@ -515,10 +515,15 @@ def batch_size(opt_state: Any) -> jax.Array:
       >>> int(adabatch.batch_size(tx.init(jnp.zeros(3))))
       32
     """
-    found = _find_batch_size(opt_state)
+    found = find_state(opt_state, has_batch_size)
     if found is None:
         raise ValueError("opt_state holds no batch-size rule state (no field named 'batch_size')")
-    return _unwrap(found)
+    return _unwrap(found.batch_size)
+
+
+def has_batch_size(node: Any) -> bool:
+    """Whether ``node`` is the state of a batch-size rule: a named tuple with a ``batch_size`` field."""
+    return hasattr(node, "_fields") and "batch_size" in node._fields
 
 
 def _unwrap(value: Any) -> jax.Array:
@@ -526,15 +531,18 @@ def _unwrap(value: Any) -> jax.Array:
     return value if isinstance(value, jax.Array) or not hasattr(value, "value") else value.value
 
 
-def _find_batch_size(node: Any, seen: set[int] | None = None) -> jax.Array | None:
-    seen = set() if seen is None else seen
+def find_state(opt_state: Any, match: Any) -> Any:
+    """The first node of any nesting of states (depth-first, in chain order) for which ``match(node)`` holds, else
+    None. Looks through tuples, lists, dicts, named tuples and objects' attributes (``nnx.Optimizer``)."""
+    return _find(opt_state, match, set())
+
+
+def _find(node: Any, match: Any, seen: set[int]) -> Any:
     if id(node) in seen:
         return None
     seen.add(id(node))
-    if isinstance(node, BatchSizeTestState):
-        return node.batch_size
-    if hasattr(node, "_fields") and "batch_size" in node._fields:
-        return node.batch_size
+    if match(node):
+        return node
     if isinstance(node, dict):
         children = list(node.values())
     elif isinstance(node, (tuple, list)):
@@ -544,7 +552,7 @@ def _find_batch_size(node: Any, seen: set[int] | None = None) -> jax.Array | Non
     else:
         return None
     for child in children:
-        found = _find_batch_size(child, seen)
+        found = _find(child, match, seen)
         if found is not None:
             return found
     return None

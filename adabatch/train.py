@@ -60,7 +60,7 @@ from adabatch import per_example
 from adabatch import stats as st
 from adabatch._validation import accumulation_dtype, check_choice, check_positive_int
 from adabatch.data import DataStream, bucket_size
-from adabatch.rules import BatchSizeTestState
+from adabatch.rules import BatchSizeTestState, find_state, has_batch_size
 
 __all__ = [
     "FitResult",
@@ -110,18 +110,6 @@ def _leading(batch: Any) -> int:
         shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(batch)]
         raise ValueError(f"batch leaves must share one leading batch axis; got shapes {shapes}")
     return sizes.pop()
-
-
-def _find(tree: Any, match: Callable[[Any], bool]) -> Any:
-    """The first node of ``tree`` (depth-first, chain order) for which ``match`` holds, else None."""
-    for node in jax.tree_util.tree_leaves(tree, is_leaf=match):
-        if match(node):
-            return node
-    return None
-
-
-def _is_rule(node: Any) -> bool:
-    return isinstance(node, BatchSizeTestState)
 
 
 def _has_learning_rate(node: Any) -> bool:
@@ -397,8 +385,8 @@ def make_train_step(
         grad_norm = jnp.sqrt(st.mean_sq_norm(batch_stats))
         update_norm = optax.tree.norm(updates).astype(acc)
         effective = jnp.where(grad_norm > 0, update_norm / jnp.where(grad_norm > 0, grad_norm, 1), 0)
-        injected = _find(new_opt, _has_learning_rate)
-        rule = _find(new_state.opt_state, _is_rule)
+        injected = find_state(new_opt, _has_learning_rate)
+        rule = find_state(new_state.opt_state, has_batch_size)  # any batch-size rule (tests, noise-scale rule)
         metrics = dict(
             loss=mean_loss,
             batch_size=n,
@@ -412,7 +400,7 @@ def make_train_step(
             trace_cov=st.trace_covariance(batch_stats),
             b_simple=st.b_simple(batch_stats),
         )
-        if rule is not None:
+        if isinstance(rule, BatchSizeTestState):
             metrics.update(
                 rule_statistic=rule.statistic, rule_threshold=rule.threshold, rule_nonfinite=rule.nonfinite_count
             )
@@ -519,8 +507,8 @@ def fit(
 
         sharded = NamedSharding(step.mesh, PartitionSpec(step.data_axis))
         state = jax.device_put(state, NamedSharding(step.mesh, PartitionSpec()))
-    has_rule = _find(state.opt_state, _is_rule) is not None
-    decision = int(_find(state.opt_state, _is_rule).batch_size) if has_rule else batch_size
+    rule = find_state(state.opt_state, has_batch_size)
+    decision = batch_size if rule is None else int(rule.batch_size)
     offset, done = int(state.samples), int(state.step)
     start_compilations, start = step.compilations, time.perf_counter()
     bar = None

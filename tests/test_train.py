@@ -229,3 +229,25 @@ def test_fit_counts_samples_and_compiles_once_for_a_fixed_batch():
             callback=lambda state, m: seen.append(m["samples"]),
         )
     assert seen == [5, 10, 15, 20] and int(result.state.samples) == 20 and result.compilations == 1
+
+
+def test_fit_follows_any_batch_size_rule():
+    """The step and fit read the decision of every rule with a ``batch_size`` state (here the noise-scale rule),
+    exactly as ``adabatch.batch_size`` does, not only the tests' ``BatchSizeTestState``."""
+    from adabatch.noise_scale import noise_scale_rule
+
+    tx = optax.chain(noise_scale_rule(decay=0.0, init_batch_size=8, max_batch_size=512), optax.sgd(0.05))
+    step = make_train_step(linear_loss, tx)
+    data = regression_data(n=2000, noise=3.0)
+    seen = []
+    result = fit(
+        step,
+        init_train_state(zeros_params(), tx),
+        data,
+        num_steps=8,
+        batch_size=8,
+        callback=lambda state, record: seen.append((record["next_batch_size"], int(rules.batch_size(state.opt_state)))),
+    )
+    assert all(metric == decision for metric, decision in seen)
+    sizes = [h["batch_size"] for h in result.history]
+    assert sizes[0] == 8 and max(sizes) > 8 and sizes[1:] == [decision for decision, _ in seen[:-1]]
