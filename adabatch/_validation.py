@@ -83,3 +83,9 @@ def check_floating_tree(name: str, tree: Any) -> None:
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The dtype statistics are accumulated in: ``dtype`` promoted to at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_accumulation_dtype(tree: Any) -> jnp.dtype:
+    """:func:`accumulation_dtype` of the result type of ``tree``'s leaves (float32 for an empty tree)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)

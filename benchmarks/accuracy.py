@@ -2,7 +2,7 @@
 
 For random per-example gradients (several seeds, batch sizes and signal-to-noise ratios) it reports the largest
 relative error of every estimator computed by adabatch in float32, and how many batch-size decisions of each rule
-equal the formula of algorithms.md §1.2 evaluated in float64. Writes docs/accuracy.md.
+equal the formula of the AdAdaGrad paper (the practical tests) evaluated in float64. Writes docs/accuracy.md.
 
 Run: ``python benchmarks/accuracy.py``
 """

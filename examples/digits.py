@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     trajectory = []
     start = time.perf_counter()
     for step in range(args.steps):
-        b = min(int(adabatch.batch_size(opt_state)), len(data.x_train))
+        b = min(int(adabatch.next_batch_size(opt_state)), len(data.x_train))
         if position + b > len(order):  # new epoch, reshuffled
             order, position = rng.permutation(len(data.x_train)), 0
         index = order[position : position + b]

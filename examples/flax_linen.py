@@ -1,4 +1,4 @@
-"""Flax linen + adabatch: ``adabatch.flax.TrainState`` forwards the per-example statistics to the norm test.
+"""Flax linen + adabatch: ``adabatch.flax.LinenTrainState`` forwards the per-example statistics to the norm test.
 
 Run: ``python examples/flax_linen.py`` (a few seconds; ``--steps`` to change the length).
 
@@ -16,10 +16,10 @@ import numpy as np
 import optax
 
 import adabatch
-from adabatch.data import DataStream, bucket_size
 from adabatch.datasets import load_digits
-from adabatch.flax import TrainState, linen_update, per_example_loss
+from adabatch.flax import LinenTrainState, linen_update, per_example_loss
 from adabatch.flax.models import MLP
+from adabatch.training import DataStream, bucket_size
 
 
 def main(argv=None) -> dict:
@@ -36,14 +36,14 @@ def main(argv=None) -> dict:
     model = MLP(features=(32,))
     params = model.init(jax.random.key(args.seed), data.x_train[:1])["params"]
     tx = adabatch.adadagrad_norm(args.lr, eta=args.eta, max_batch_size=args.max_batch_size)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    state = LinenTrainState.create(apply_fn=model.apply, params=params, tx=tx)
     loss_fn = per_example_loss(model.apply, optax.softmax_cross_entropy_with_integer_labels)
     update = jax.jit(lambda state, batch, mask: linen_update(state, loss_fn, batch, mask=mask))
 
     stream = DataStream((data.x_train, data.y_train), seed=args.seed)
     offset, sizes = 0, []
     for _ in range(args.steps):
-        size = min(max(args.batch_size, int(state.batch_size)), stream.num_examples)
+        size = min(max(args.batch_size, int(state.next_batch_size)), stream.num_examples)
         physical = bucket_size(size, args.batch_size, cap=stream.num_examples)
         state, metrics = update(state, stream.batch(offset, size, physical), np.arange(physical) < size)
         offset += size

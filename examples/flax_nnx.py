@@ -16,9 +16,9 @@ import optax
 from flax import nnx
 
 import adabatch
-from adabatch.data import DataStream, bucket_size
 from adabatch.datasets import load_digits
 from adabatch.flax import nnx_update, per_example_loss
+from adabatch.training import DataStream, bucket_size
 
 
 class Net(nnx.Module):
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     stream = DataStream((data.x_train, data.y_train), seed=args.seed)
     offset, sizes = 0, []
     for _ in range(args.steps):
-        decision = int(adabatch.batch_size(nnx.as_pure(optimizer.opt_state)))
+        decision = int(adabatch.next_batch_size(nnx.as_pure(optimizer.opt_state)))
         size = min(max(args.batch_size, decision), stream.num_examples)
         physical = bucket_size(size, args.batch_size, cap=stream.num_examples)
         batch = stream.batch(offset, size, physical)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from adabatch.adabelief import AdaBeliefState, adabelief, scale_by_belief
+from adabatch.optimizers import ScaleByBeliefState, adabelief, scale_by_belief
 
 try:
     from tests.reference_adabelief import ReferenceAdaBelief
@@ -200,7 +200,7 @@ def test_scale_by_belief_jit_step_matches_reference(kwargs):
         for k in params:
             assert d[k].dtype == jnp.float32
             np.testing.assert_allclose(d[k], before[k] - ref.params[k], rtol=1e-5, atol=1e-7, err_msg=f"{k} t={t + 1}")
-    assert isinstance(state, AdaBeliefState)
+    assert isinstance(state, ScaleByBeliefState)
     assert state.count.dtype == jnp.int32 and state.count.shape == () and int(state.count) == 8
     fields = (state.mu, state.nu, state.nu_max) if kwargs.get("amsgrad") else (state.mu, state.nu)
     for field in fields:

@@ -11,9 +11,8 @@ import optax
 import pytest
 
 from adabatch import rules
-from adabatch.adagrad import adagrad_norm
-from adabatch.checkpoint import Checkpointer, CheckpointError
-from adabatch.train import fit, init_train_state, make_train_step
+from adabatch.optimizers import adagrad_norm
+from adabatch.training import Checkpointer, CheckpointError, fit, init_train_state, make_train_step
 from tests.test_train import linear_loss, regression_data, zeros_params
 
 STEPS = 12
@@ -50,7 +49,7 @@ def uninterrupted(tmp_path_factory):
         state,
         DATA,
         num_steps=STEPS,
-        batch_size=4,
+        init_batch_size=4,
         seed=1,
         checkpoint_dir=str(tmp_path_factory.mktemp("full")),
         checkpoint_every=3,
@@ -77,7 +76,7 @@ def test_resumed_run_is_bit_identical(tmp_path, uninterrupted, stop_at):
             state,
             DATA,
             num_steps=STEPS,
-            batch_size=4,
+            init_batch_size=4,
             seed=1,
             checkpoint_dir=str(tmp_path),
             checkpoint_every=3,
@@ -93,7 +92,7 @@ def test_resumed_run_is_bit_identical(tmp_path, uninterrupted, stop_at):
                 state,
                 DATA,
                 num_steps=STEPS,
-                batch_size=4,
+                init_batch_size=4,
                 seed=1,
                 checkpoint_dir=str(tmp_path),
                 checkpoint_every=3,
@@ -105,7 +104,7 @@ def test_resumed_run_is_bit_identical(tmp_path, uninterrupted, stop_at):
         state,
         DATA,
         num_steps=STEPS,
-        batch_size=4,
+        init_batch_size=4,
         seed=1,
         checkpoint_dir=str(tmp_path),
         checkpoint_every=3,
@@ -118,9 +117,9 @@ def test_resumed_run_is_bit_identical(tmp_path, uninterrupted, stop_at):
 
 def test_resume_with_another_seed_is_refused(tmp_path):
     step, state = make_run()
-    fit(step, state, DATA, num_steps=3, batch_size=4, seed=1, checkpoint_dir=str(tmp_path))
+    fit(step, state, DATA, num_steps=3, init_batch_size=4, seed=1, checkpoint_dir=str(tmp_path))
     with pytest.raises(CheckpointError, match="seed"):
-        fit(step, state, DATA, num_steps=6, batch_size=4, seed=2, checkpoint_dir=str(tmp_path), resume=True)
+        fit(step, state, DATA, num_steps=6, init_batch_size=4, seed=2, checkpoint_dir=str(tmp_path), resume=True)
 
 
 def test_missing_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path):
@@ -129,7 +128,7 @@ def test_missing_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         Checkpointer(missing).restore(state)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
-        fit(step, state, DATA, num_steps=2, batch_size=4, checkpoint_dir=str(missing), resume=True)
+        fit(step, state, DATA, num_steps=2, init_batch_size=4, checkpoint_dir=str(missing), resume=True)
     assert not missing.exists()
 
 
@@ -140,7 +139,7 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path):
     before = directory_digest(tmp_path)
     step, state = make_run()
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        fit(step, state, DATA, num_steps=2, batch_size=4, checkpoint_dir=str(tmp_path))
+        fit(step, state, DATA, num_steps=2, init_batch_size=4, checkpoint_dir=str(tmp_path))
     assert directory_digest(tmp_path) == before
 
 

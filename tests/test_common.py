@@ -132,7 +132,9 @@ def test_inside_chain_and_inject_hyperparams(name):
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
     if entry.per_example:
-        assert int(adabatch.batch_size(state)) == int(adabatch.batch_size(plain.update(grads, plain.init(params))[1]))
+        assert int(adabatch.next_batch_size(state)) == int(
+            adabatch.next_batch_size(plain.update(grads, plain.init(params))[1])
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)

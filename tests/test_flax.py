@@ -13,11 +13,11 @@ import pytest
 from flax import nnx
 
 from adabatch import rules
-from adabatch.adagrad import adagrad_norm
-from adabatch.flax import TrainState, linen_update, nnx_params, nnx_update, per_example_loss
+from adabatch.flax import LinenTrainState, linen_update, nnx_params, nnx_update, per_example_loss
 from adabatch.flax.models import MLP
-from adabatch.per_example import grad_stats, per_example_grads
-from adabatch.train import init_train_state, make_train_step
+from adabatch.optimizers import adagrad_norm
+from adabatch.stats import grad_stats, per_example_grads
+from adabatch.training import init_train_state, make_train_step
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
@@ -73,7 +73,7 @@ def test_nnx_stock_optimizer_matches_make_train_step():
         state, reference = step(state, (x, y), size)
         np.testing.assert_allclose(float(metrics["loss"]), float(reference["loss"]), rtol=1e-6)
         assert int(metrics["batch_size"]) == size
-        assert int(rules.batch_size(nnx.as_pure(optimizer.opt_state))) == int(reference["next_batch_size"])
+        assert int(rules.next_batch_size(nnx.as_pure(optimizer.opt_state))) == int(reference["next_batch_size"])
         jax.tree_util.tree_map(
             lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
             nnx_params(model),
@@ -87,17 +87,17 @@ def test_linen_train_state_forwards_extra_arguments():
     model = MLP(features=(6,), num_classes=3)
     params = model.init(jax.random.key(0), x[:1])["params"]
     loss_fn = per_example_loss(model.apply, optax.softmax_cross_entropy_with_integer_labels)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
+    state = LinenTrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
     stats = jax.jit(grad_stats, static_argnums=0)(loss_fn, params, (x, y))
     # A rule reads grad_stats; a field name is replaced as flax does; a plain optimizer ignores the extra args.
     apply = jax.jit(lambda s, g: s.apply_gradients(grads=g.mean, grad_stats=g, batch_size=g.count, apply_fn=None))
     new = apply(state, stats)
     assert int(new.step) == 1 and new.apply_fn is None
     decided = jax.jit(lambda g, r: rules.decide("norm", g, r, max_batch_size=256, eta=0.4))(stats, state.opt_state[0])
-    assert int(new.batch_size) == int(decided.batch_size)
+    assert int(new.next_batch_size) == int(decided.next_batch_size)
     with pytest.raises(ValueError, match="grad_stats"):  # the rule without statistics of a mean gradient
         state.apply_gradients(grads=stats.mean)
-    plain = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    plain = LinenTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
     moved = jax.jit(lambda s, g: s.apply_gradients(grads=g.mean, grad_stats=g, value=1.0))(plain, stats)
     np.testing.assert_allclose(
         np.asarray(moved.params["Dense_0"]["bias"]),
@@ -111,7 +111,7 @@ def test_linen_update_matches_make_train_step():
     model = MLP(features=(6,), num_classes=3)
     params = model.init(jax.random.key(2), x[:1])["params"]
     loss_fn = per_example_loss(model.apply, optax.softmax_cross_entropy_with_integer_labels)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
+    state = LinenTrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
     reference_state = init_train_state(params, make_tx())
     step = make_train_step(loss_fn, make_tx())
     update = jax.jit(lambda s, b, m: linen_update(s, loss_fn, b, mask=m))
@@ -119,7 +119,7 @@ def test_linen_update_matches_make_train_step():
         state, metrics = update(state, (x, y), np.arange(12) < size)
         reference_state, reference = step(reference_state, (x, y), size)
         np.testing.assert_allclose(float(metrics["loss"]), float(reference["loss"]), rtol=1e-6)
-        assert int(state.batch_size) == int(reference["next_batch_size"])
+        assert int(state.next_batch_size) == int(reference["next_batch_size"])
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.params, reference_state.params
     )

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adabatch.microbatch import device_grad_stats, from_group_means
-from adabatch.per_example import grad_stats
 from adabatch.stats import (
     coordinate_variance,
+    device_grad_stats,
+    from_group_means,
     from_per_example,
+    grad_stats,
     inner_product_variance,
     trace_covariance,
     unbiased_grad_sq_norm,

@@ -8,18 +8,17 @@ import numpy as np
 import optax
 import pytest
 
-from adabatch.noise_scale import (
-    NoiseScaleRuleState,
+from adabatch.rules import NoiseScaleRuleState, next_batch_size, noise_scale_rule
+from adabatch.stats import (
+    GradStats,
     adam_preconditioner,
     clamp_noise_scale,
     estimate_from_stats,
+    from_per_example,
     noise_scale,
-    noise_scale_rule,
     precondition,
     two_batch_estimate,
 )
-from adabatch.rules import batch_size
-from adabatch.stats import GradStats, from_per_example
 
 D = 6
 TRIALS = 20_000
@@ -240,7 +239,7 @@ def test_rule_hysteresis_matches_numpy(monotone, interval):
         stats = stats_with(target, n)
         _, state = update(stats.mean, state, None, grad_stats=stats)
         np.testing.assert_allclose(float(state.noise.b_simple), target, rtol=1e-4)
-        got.append(int(batch_size(state)))
+        got.append(int(next_batch_size(state)))
     assert got == want
     assert int(state.change_count) == sum(a != b for a, b in zip([32] + want[:-1], want, strict=True))
     assert (np.diff(want) >= 0).all() or not monotone
@@ -254,15 +253,15 @@ def test_rule_holds_on_flagged_estimate_and_composes():
     noise -= noise.mean(0)
     stats = from_per_example(jnp.asarray(noise, jnp.float32))
     _, state = tx.update(stats.mean, state, params, grad_stats=stats)
-    assert bool(state[0].noise.clamped) and int(batch_size(state)) == 16
+    assert bool(state[0].noise.clamped) and int(next_batch_size(state)) == 16
     stats = stats_with(100.0, 16)
     _, state = tx.update(stats.mean, state, params, grad_stats=stats)
-    assert int(batch_size(state)) == 100 and isinstance(state[0], NoiseScaleRuleState)
+    assert int(next_batch_size(state)) == 100 and isinstance(state[0], NoiseScaleRuleState)
     # inject_hyperparams: the multiplier is a traced hyperparameter.
     injected = optax.inject_hyperparams(noise_scale_rule)(multiplier=2.0, decay=0.0, max_batch_size=4096)
     st_ = injected.init(params)
     _, st_ = jax.jit(injected.update)(stats.mean, st_, params, grad_stats=stats)
-    assert int(batch_size(st_)) == 200
+    assert int(next_batch_size(st_)) == 200
 
 
 def test_bad_arguments():

@@ -51,7 +51,7 @@ def test_scaling_all_gradients_leaves_the_norm_test_decision_unchanged(grads, c)
         params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), grads)
         base = tx.update(jax.tree_util.tree_map(jnp.asarray, grads), tx.init(params))[1]
         scaled = tx.update(jax.tree_util.tree_map(lambda x: jnp.asarray(c * x), grads), tx.init(params))[1]
-        assert int(scaled.batch_size) == int(base.batch_size)
+        assert int(scaled.next_batch_size) == int(base.next_batch_size)
         np.testing.assert_allclose(scaled.statistic, base.statistic, rtol=1e-9)
 
 
@@ -63,4 +63,4 @@ def test_decisions_never_shrink(grads, data):
         tx = make(max_batch_size=512, init_batch_size=current)
         params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), grads)
         state = tx.update(jax.tree_util.tree_map(jnp.asarray, grads), tx.init(params))[1]
-        assert current <= int(state.batch_size) <= 512
+        assert current <= int(state.next_batch_size) <= 512

@@ -27,17 +27,17 @@ def _run(tx, sigma, steps, seed=0):
     @jax.jit
     def step(theta, state, key):
         xi = jax.random.normal(key, (B_MAX, D))
-        mask = jnp.arange(B_MAX) < adabatch.batch_size(state)
+        mask = jnp.arange(B_MAX) < adabatch.next_batch_size(state)
         stats = adabatch.grad_stats(loss_fn, theta, xi, mask=mask)
         updates, state = tx.update(stats.mean, state, theta, grad_stats=stats)
         return optax.apply_updates(theta, updates), state
 
     theta, state = jnp.full(D, 10.0), tx.init(jnp.zeros(D))
-    assert int(adabatch.batch_size(state)) == B0
+    assert int(adabatch.next_batch_size(state)) == B0
     sizes, distances = [], []
     for key in jax.random.split(jax.random.key(seed), steps):
         theta, state = step(theta, state, key)
-        sizes.append(int(adabatch.batch_size(state)))
+        sizes.append(int(adabatch.next_batch_size(state)))
         distances.append(float(jnp.sum(theta**2)))
     return np.array(sizes), np.array(distances)
 

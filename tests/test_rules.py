@@ -44,7 +44,7 @@ def test_decision_matches_hand_formula(dtype, test, seed, b, offset):
     mean, state = jax.jit(tx.update)(grads, tx.init(PARAMS))
     G = _flat(grads)
     required = ref.required_batch(test, G, **CONSTANTS)
-    assert int(state.batch_size) == ref.next_batch_size(required, 4, b, 4096, granularity=4)
+    assert int(state.next_batch_size) == ref.next_batch_size(required, 4, b, 4096, granularity=4)
     np.testing.assert_allclose(float(state.statistic), required / b, rtol=2e-5)
     e = ref.estimators(G)
     np.testing.assert_allclose(float(state.trace_cov), e["trace_covariance"], rtol=1e-5)
@@ -71,7 +71,7 @@ def test_thresholds_are_the_smallest_passing_constants():
         at = {"norm": adabatch.norm_test, "inner_product": adabatch.inner_product_test}.get(test)
         if at is not None:
             tx = at(value * (1 + 1e-4))
-            assert int(tx.update(grads, tx.init(PARAMS))[1].batch_size) == b
+            assert int(tx.update(grads, tx.init(PARAMS))[1].next_batch_size) == b
     state = RULES["augmented_inner_product"]().update(grads, RULES["augmented_inner_product"]().init(PARAMS))[1]
     np.testing.assert_allclose(state.threshold, [expected["inner_product"], expected["orthogonality"]], rtol=1e-5)
 
@@ -82,7 +82,7 @@ def test_coordinate_aggregations(aggregation):
     tx = adabatch.coordinate_norm_test(0.5, aggregation=aggregation, max_batch_size=10**6, init_batch_size=2)
     state = tx.update(grads, tx.init(PARAMS))[1]
     required = ref.required_batch("coordinate_norm", _flat(grads), eta=0.5, aggregation=aggregation)
-    assert int(state.batch_size) == ref.next_batch_size(required, 2, 12, 10**6)
+    assert int(state.next_batch_size) == ref.next_batch_size(required, 2, 12, 10**6)
 
 
 def test_coordinate_quantile_and_guard():
@@ -104,7 +104,7 @@ def test_grad_stats_entry_point_gives_the_same_decision():
         a = tx.update(grads, tx.init(PARAMS))[1]
         out, b = tx.update(mean, tx.init(PARAMS), grad_stats=s)
         assert out is mean, test
-        assert int(a.batch_size) == int(b.batch_size), test
+        assert int(a.next_batch_size) == int(b.next_batch_size), test
         np.testing.assert_allclose(a.statistic, b.statistic, rtol=1e-6)
 
 
@@ -116,7 +116,7 @@ def test_never_shrinks_caps_and_interval():
     sizes = []
     for grads in (noisy, noisy, clean, noisy, clean):
         state = update(grads, state)[1]
-        sizes.append(int(state.batch_size))
+        sizes.append(int(state.next_batch_size))
     # Test at updates 0, 2, 4 only; noise drives it to the cap; clean gradients never shrink it.
     assert sizes == [96, 96, 96, 96, 96]
     tx = adabatch.norm_test(0.1, max_batch_size=96, granularity=8, init_batch_size=8, test_interval=2)
@@ -124,7 +124,7 @@ def test_never_shrinks_caps_and_interval():
     sizes = []
     for grads in (clean, noisy, clean):
         state = tx.update(grads, state)[1]
-        sizes.append(int(state.batch_size))
+        sizes.append(int(state.next_batch_size))
     assert sizes == [8, 8, 8]  # the noisy batch fell on a skipped update
 
 
@@ -133,7 +133,7 @@ def test_zero_gradient_goes_to_max_without_nan():
     for test, make in RULES.items():
         tx = make(max_batch_size=512)
         state = tx.update(zero, tx.init(PARAMS))[1]
-        assert int(state.batch_size) == 512, test
+        assert int(state.next_batch_size) == 512, test
         assert int(state.nonfinite_count) == 0, test
         assert np.isfinite(state.trace_cov) and np.isfinite(state.mean_sq_norm)
 
@@ -145,13 +145,13 @@ def test_nonfinite_statistics_leave_the_decision_and_are_flagged():
         tx = make(max_batch_size=512, init_batch_size=8)
         state = tx.init(PARAMS)
         state = tx.update(bad, state)[1]
-        assert int(state.batch_size) == 8 and int(state.nonfinite_count) == 1, test
+        assert int(state.next_batch_size) == 8 and int(state.nonfinite_count) == 1, test
         assert float(state.statistic) == 0.0  # diagnostics keep the last finite test
         state = tx.update(grads, state)[1]
         assert int(state.nonfinite_count) == 1 and float(state.statistic) > 0, test
 
 
-def test_batch_size_finds_the_decision_in_any_nesting():
+def test_next_batch_size_finds_the_decision_in_any_nesting():
     rule = adabatch.norm_test(init_batch_size=16, max_batch_size=64)
     nested = [
         optax.chain(optax.clip_by_global_norm(1.0), rule, optax.sgd(0.1)),
@@ -160,12 +160,12 @@ def test_batch_size_finds_the_decision_in_any_nesting():
         adabatch.adadagrad_norm(0.1, init_batch_size=16, max_batch_size=64),
     ]
     for tx in nested:
-        assert int(adabatch.batch_size(tx.init(PARAMS))) == 16
-    assert int(optax.tree.get(nested[0].init(PARAMS), "batch_size")) == 16  # optax's own lookup finds it too
+        assert int(adabatch.next_batch_size(tx.init(PARAMS))) == 16
+    assert int(optax.tree.get(nested[0].init(PARAMS), "next_batch_size")) == 16  # optax's own lookup finds it too
     with pytest.raises(ValueError, match="batch_size"):
-        adabatch.batch_size(optax.sgd(0.1).init(PARAMS))
-    assert int(adabatch.batch_size(optax.chain(rule).init(PARAMS))) == 16
-    assert adabatch.norm_test().init(PARAMS).batch_size == 16  # the default first batch
+        adabatch.next_batch_size(optax.sgd(0.1).init(PARAMS))
+    assert int(adabatch.next_batch_size(optax.chain(rule).init(PARAMS))) == 16
+    assert adabatch.norm_test().init(PARAMS).next_batch_size == 16  # the default first batch
 
 
 def test_inject_hyperparams_changes_eta_without_retracing():
@@ -173,9 +173,9 @@ def test_inject_hyperparams_changes_eta_without_retracing():
     grads = _grads(10, 8, 0.3)
     state = tx.init(PARAMS)
     update = jax.jit(tx.update)
-    small = int(adabatch.batch_size(update(grads, state)[1]))
+    small = int(adabatch.next_batch_size(update(grads, state)[1]))
     state.hyperparams["eta"] = jnp.asarray(0.1)
-    large = int(adabatch.batch_size(update(grads, state)[1]))
+    large = int(adabatch.next_batch_size(update(grads, state)[1]))
     required = ref.required_batch("norm", _flat(grads), eta=0.1)
     assert large == ref.next_batch_size(required, 1, 8, 4096) and large > small
 

@@ -10,16 +10,15 @@ import numpy as np
 import optax
 import pytest
 
-from adabatch.noise_scale import noise_scale
 from adabatch.scaling import (
-    AdaScaleState,
+    ScaleByAdaScaleState,
     ScaleByBatchSizeState,
     adascale,
     batch_size_factor,
     scale_by_batch_size,
     scale_by_sample_schedule,
 )
-from adabatch.stats import GradStats, from_per_example
+from adabatch.stats import GradStats, from_per_example, noise_scale
 
 BATCH_SIZES = (1, 2, 3, 7, 16, 32, 100, 257, 1024, 4096, 65536)
 BASES = (1, 32, 100)
@@ -232,7 +231,7 @@ def test_adascale_in_chain_with_inject_hyperparams():
     stats = from_per_example(g)
     out, state = jax.jit(tx.update)(stats.mean, tx.init(params), params, grad_stats=stats, batch_size=16)
     inner = state[1].inner_state
-    assert isinstance(inner, AdaScaleState)
+    assert isinstance(inner, ScaleByAdaScaleState)
     np.testing.assert_allclose(np.asarray(out), -0.1 * float(inner.gain) * np.asarray(stats.mean), rtol=1e-5)
     want = numpy_adascale([np.asarray(g, np.float64)], 4, "sgd", smoothing=0.5)[0][0]
     np.testing.assert_allclose(float(inner.gain), want, rtol=1e-4)

@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np, optax
     from jax.sharding import Mesh
     from adabatch import rules
-    from adabatch.adagrad import adagrad_norm
-    from adabatch.train import fit, init_train_state, make_train_step
+    from adabatch.optimizers import adagrad_norm
+    from adabatch.training import fit, init_train_state, make_train_step
 
     def loss(params, batch):
         x, y = batch
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
         runs = {}
         for where, m in (("one", None), ("mesh", mesh)):
             step = make_train_step(loss, tx, micro_batch_size=micro, mesh=m)
-            result = fit(step, init_train_state(params, tx), (x, y), num_steps=6, batch_size=16)
+            result = fit(step, init_train_state(params, tx), (x, y), num_steps=6, init_batch_size=16)
             leaf = result.state.params["w"]
             runs[where] = {
                 "sizes": [h["batch_size"] for h in result.history],

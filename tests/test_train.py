@@ -12,9 +12,17 @@ import optax
 import pytest
 
 from adabatch import rules
-from adabatch.adagrad import adagrad_norm
-from adabatch.data import DataStream, bucket_size, epoch_permutation, physical_order
-from adabatch.train import fit, init_train_state, make_train_step, required_statistics
+from adabatch.optimizers import adagrad_norm
+from adabatch.training import (
+    DataStream,
+    bucket_size,
+    epoch_permutation,
+    fit,
+    init_train_state,
+    make_train_step,
+    physical_order,
+    required_statistics,
+)
 from tests import reference as ref
 
 
@@ -97,7 +105,7 @@ def test_growing_run_compiles_at_most_log2_ratio_plus_two_times():
     tx = optax.chain(rules.norm_test(0.2, max_batch_size=1024, init_batch_size=8), adagrad_norm(0.5))
     step = make_train_step(linear_loss, tx, micro_batch_size=8)
     data = regression_data(n=3000, noise=3.0)
-    result = fit(step, init_train_state(zeros_params(), tx), data, num_steps=25, batch_size=8)
+    result = fit(step, init_train_state(zeros_params(), tx), data, num_steps=25, init_batch_size=8)
     sizes = [h["batch_size"] for h in result.history]
     assert sizes == sorted(sizes) and sizes[0] == 8
     assert max(sizes) >= 128, sizes  # the run really grew
@@ -105,7 +113,7 @@ def test_growing_run_compiles_at_most_log2_ratio_plus_two_times():
     assert result.compilations <= math.ceil(math.log2(max(sizes) / min(sizes))) + 2
     assert result.compilations == step.compilations
     # Continuing the run in the same buckets compiles nothing new.
-    more = fit(step, result.state, data, num_steps=30, batch_size=8)
+    more = fit(step, result.state, data, num_steps=30, init_batch_size=8)
     assert more.compilations <= 1 and int(more.state.step) == 30
     assert more.history[0]["samples"] == sum(sizes) + more.history[0]["batch_size"]
 
@@ -136,7 +144,7 @@ def test_batch_size_above_the_data_set_is_capped_with_a_warning():
     step = make_train_step(linear_loss, tx)
     with pytest.warns(UserWarning, match="capped"):
         result = fit(
-            step, init_train_state(zeros_params(), tx), regression_data(n=24, noise=5.0), num_steps=4, batch_size=4
+            step, init_train_state(zeros_params(), tx), regression_data(n=24, noise=5.0), num_steps=4, init_batch_size=4
         )
     sizes = [h["batch_size"] for h in result.history]
     assert max(sizes) == 24 and result.history[-1]["next_batch_size"] > 24
@@ -173,12 +181,12 @@ def test_per_example_keys_do_not_depend_on_micro_batching():
 
 def test_bad_arguments_are_rejected():
     tx = optax.sgd(0.1)
-    with pytest.raises(ValueError, match="stats must be one of"):
-        make_train_step(linear_loss, tx, stats="nope")
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_train_step(linear_loss, tx, method="nope")
     with pytest.raises(ValueError, match="micro_batch_size"):
         make_train_step(linear_loss, tx, micro_batch_size=0)
     with pytest.raises(ValueError, match="do not merge"):
-        make_train_step(linear_loss, tx, stats="microbatch", micro_batch_size=4)
+        make_train_step(linear_loss, tx, method="microbatch", micro_batch_size=4)
     with pytest.raises(ValueError, match="sq_sum"):
         make_train_step(linear_loss, tx, sq_sum="yes")
     step = make_train_step(linear_loss, tx)
@@ -224,7 +232,7 @@ def test_fit_counts_samples_and_compiles_once_for_a_fixed_batch():
             init_train_state(zeros_params(), tx),
             (x, y),
             num_steps=4,
-            batch_size=5,
+            init_batch_size=5,
             seed=2,
             callback=lambda state, m: seen.append(m["samples"]),
         )
@@ -233,8 +241,8 @@ def test_fit_counts_samples_and_compiles_once_for_a_fixed_batch():
 
 def test_fit_follows_any_batch_size_rule():
     """The step and fit read the decision of every rule with a ``batch_size`` state (here the noise-scale rule),
-    exactly as ``adabatch.batch_size`` does, not only the tests' ``BatchSizeTestState``."""
-    from adabatch.noise_scale import noise_scale_rule
+    exactly as ``adabatch.next_batch_size`` does, not only the tests' ``BatchSizeTestState``."""
+    from adabatch.rules import noise_scale_rule
 
     tx = optax.chain(noise_scale_rule(decay=0.0, init_batch_size=8, max_batch_size=512), optax.sgd(0.05))
     step = make_train_step(linear_loss, tx)
@@ -245,8 +253,10 @@ def test_fit_follows_any_batch_size_rule():
         init_train_state(zeros_params(), tx),
         data,
         num_steps=8,
-        batch_size=8,
-        callback=lambda state, record: seen.append((record["next_batch_size"], int(rules.batch_size(state.opt_state)))),
+        init_batch_size=8,
+        callback=lambda state, record: seen.append(
+            (record["next_batch_size"], int(rules.next_batch_size(state.opt_state)))
+        ),
     )
     assert all(metric == decision for metric, decision in seen)
     sizes = [h["batch_size"] for h in result.history]

@@ -42,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adabatch import noise_scale as ns
 from adabatch import stats as st
-from adabatch.per_example import grad_stats
+from adabatch.stats import grad_stats
 
 __all__ = [
     "DATASETS",
@@ -114,7 +113,7 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(1.0)
     if name == "adabelief":
-        from adabatch.adabelief import adabelief
+        from adabatch.optimizers import adabelief
 
         return adabelief(1.0)
     if name == "sign":
@@ -356,16 +355,16 @@ def _measured_b_simple(problem: _Problem, params, opt_state, *, preconditioned: 
     def b_simple(s):
         if population:
             n = jnp.asarray(s.count, jnp.float32)
-            return ns.clamp_noise_scale(st.trace_covariance(s) * (n - 1) / n, st.mean_sq_norm(s))
-        return ns.clamp_noise_scale(*ns.estimate_from_stats(s))
+            return st.clamp_noise_scale(st.trace_covariance(s) * (n - 1) / n, st.mean_sq_norm(s))
+        return st.clamp_noise_scale(*st.estimate_from_stats(s))
 
     value, clamped = b_simple(stats)
     out = {"b_simple": value, "clamped": clamped}
     nu_state = next((s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_has_nu) if _has_nu(s)), None)
     if preconditioned and nu_state is not None:
         eps = 1e-16 if type(nu_state).__name__ == "AdaBeliefState" else 1e-8
-        inverse = ns.adam_preconditioner(nu_state.nu, nu_state.count, b2=0.999, eps=eps)
-        out["b_simple_preconditioned"], out["clamped_preconditioned"] = b_simple(ns.precondition(stats, inverse))
+        inverse = st.adam_preconditioner(nu_state.nu, nu_state.count, b2=0.999, eps=eps)
+        out["b_simple_preconditioned"], out["clamped_preconditioned"] = b_simple(st.precondition(stats, inverse))
     return out
 
 

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any
 
-from adabatch.commands.train import build_tx, run_config, write_plots
+from adabatch.cli._train import build_tx, run_config, write_plots
 
 __all__ = ["reached", "register"]
 

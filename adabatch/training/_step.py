@@ -25,9 +25,9 @@ padded bucket :math:`P=\text{base}\cdot2^j` (:mod:`adabatch.data`), so a run gro
 
 **Which statistics.** ``sq_sum`` (:math:`\sum_i g_i\odot g_i`, the coordinate-wise test) and ``inner_sq_sum``
 (the inner-product tests) cost extra, so they are computed only when ``tx`` needs them. ``None`` (the default)
-means *infer*: when the step is traced, ``tx.update`` is run on abstract values (``jax.eval_shape``, no
-computation) with neither field, and a field is switched on when the rules raise their "``... is None``"
-``ValueError`` naming it. Pass ``True``/``False`` to decide yourself.
+means *infer*: when the step is traced, each transformation that reads statistics declares the fields it needs
+in its state (:class:`adabatch.stats.GradStatsNeeds`), and the step computes their union, read once when it is
+traced (:func:`required_statistics`). Pass ``True``/``False`` to decide yourself.
 
 **Faults.** A non-finite mean loss, mean gradient, :math:`\sum_i\lVert g_i\rVert^2` or update skips the update:
 parameters and optimizer state are returned unchanged, ``TrainState.skipped`` and the metric ``skipped`` count it,
@@ -45,28 +45,23 @@ References:
 
 from __future__ import annotations
 
-import math
-import time
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from adabatch import per_example
+from adabatch import _deprecation
 from adabatch import stats as st
+from adabatch._tree import find_state
 from adabatch._validation import accumulation_dtype, check_choice, check_positive_int
-from adabatch.data import DataStream, bucket_size
-from adabatch.rules import BatchSizeTestState, find_state, has_batch_size
+from adabatch.rules import BatchSizeTestState, has_decision
+from adabatch.stats._batch import leading_size
 
 __all__ = [
-    "FitResult",
     "TrainState",
     "TrainStep",
-    "fit",
     "init_train_state",
     "make_train_step",
     "required_statistics",
@@ -84,7 +79,7 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2]: base PRNG key; stream example e gets the key fold_in(rng, e)
 
 
-def _strong(tree: Any) -> Any:
+def strong(tree: Any) -> Any:
     """Drop weak types (a weak leaf would retrace the step once it comes back strong)."""
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.asarray(x).dtype), tree)
 
@@ -94,22 +89,14 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, *, seed: int
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from adabatch.train import init_train_state
+      >>> from adabatch.training import init_train_state
       >>> state = init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), seed=1)
       >>> int(state.step), int(state.samples), state.rng.dtype.name
       (0, 0, 'uint32')
     """
     zero = jnp.zeros((), jnp.int32)
     key = jax.random.key_data(jax.random.key(int(seed)))
-    return _strong(TrainState(params, optax.with_extra_args_support(tx).init(params), zero, zero, zero, key))
-
-
-def _leading(batch: Any) -> int:
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree_util.tree_leaves(batch)}
-    if len(sizes) != 1 or None in sizes:
-        shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(batch)]
-        raise ValueError(f"batch leaves must share one leading batch axis; got shapes {shapes}")
-    return sizes.pop()
+    return strong(TrainState(params, optax.with_extra_args_support(tx).init(params), zero, zero, zero, key))
 
 
 def _has_learning_rate(node: Any) -> bool:
@@ -126,54 +113,26 @@ def required_statistics(
 ) -> tuple[bool, bool]:
     """Which optional :class:`~adabatch.GradStats` fields ``tx.update`` needs: ``(sq_sum, inner_sq_sum)``.
 
-    ``tx.update`` is evaluated on abstract values (``jax.eval_shape``: nothing is computed) with ``grad_stats``
-    lacking both fields; a field is switched on when a rule raises its "``... is None``" ``ValueError`` naming
-    it. An argument that is not None is taken as given. Works on concrete or traced ``params``/``opt_state``.
+    Every transformation that reads statistics declares the optional fields it needs in its state (a
+    ``grad_stats_needs`` field, :class:`adabatch.stats.GradStatsNeeds`); this is the union of the declarations
+    found in ``opt_state`` (:func:`adabatch.stats.declared_needs`). The declarations are static, so this works on
+    concrete and on traced states alike and computes nothing. An argument that is not None is taken as given.
+    ``tx`` and ``params`` are accepted for the signature's sake (the state alone decides).
 
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import adabatch
-      >>> from adabatch.train import required_statistics
+      >>> from adabatch.training import required_statistics
       >>> tx = optax.chain(adabatch.inner_product_test(), optax.sgd(0.1))
       >>> required_statistics(tx, jnp.zeros(3), tx.init(jnp.zeros(3)))
       (False, True)
     """
-    return _infer_needs(optax.with_extra_args_support(tx), params, opt_state, sq_sum, inner_sq_sum)
-
-
-def _infer_needs(tx: Any, params: Any, opt_state: Any, sq_sum: bool | None, inner: bool | None) -> tuple[bool, bool]:
-    sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
-    acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
-    mean = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), acc), params)
-    scalar = jax.ShapeDtypeStruct((), acc)
-    want_sq, want_inner = bool(sq_sum), bool(inner)
-
-    def update(p, o, s, b, v):
-        grads = jax.tree_util.tree_map(lambda g, q: g.astype(q.dtype), s.mean, p)
-        return tx.update(grads, o, p, grad_stats=s, batch_size=b, value=v)
-
-    for _ in range(3):
-        stats = st.GradStats(
-            jax.ShapeDtypeStruct((), jnp.int32), mean, scalar, mean if want_sq else None, scalar if want_inner else None
-        )
-        try:
-            jax.eval_shape(
-                update,
-                *jax.tree_util.tree_map(sds, (params, opt_state)),
-                stats,
-                jax.ShapeDtypeStruct((), jnp.int32),
-                scalar,
-            )
-            return want_sq, want_inner
-        except ValueError as exc:
-            message = str(exc)
-            if "inner_sq_sum" in message and not want_inner and inner is None:
-                want_inner = True
-            elif "sq_sum" in message and not want_sq and sq_sum is None:
-                want_sq = True
-            else:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    del tx, params
+    needs = st.declared_needs(opt_state)
+    return (
+        needs.sq_sum if sq_sum is None else bool(sq_sum),
+        needs.inner_sq_sum if inner_sq_sum is None else bool(inner_sq_sum),
+    )
 
 
 class TrainStep:
@@ -204,7 +163,7 @@ class TrainStep:
         return self._counter[0]
 
     def __call__(self, state: TrainState, batch: Any, size: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
-        rows = _leading(batch)
+        rows = leading_size(batch)
         if size is None:
             size = rows
         elif not isinstance(size, jax.core.Tracer) and not 1 <= int(size) <= rows:
@@ -216,7 +175,7 @@ def make_train_step(
     loss_fn: Callable[..., jax.Array],
     tx: optax.GradientTransformation,
     *,
-    stats: str = "vmap",
+    method: str = "vmap",
     micro_batch_size: int | None = None,
     chunk_size: int | None = None,
     sq_sum: bool | None = None,
@@ -224,6 +183,7 @@ def make_train_step(
     mesh: Any = None,
     data_axis: str = "data",
     per_example_keys: bool = False,
+    stats: str | None = None,
 ) -> TrainStep:
     r"""One jit-compiled, pure training step: statistics, update and next batch size together.
 
@@ -234,7 +194,7 @@ def make_train_step(
         the same example whatever the micro-batching or sharding; use it for dropout).
       tx: any Optax transformation; a batch-size rule in it receives ``grad_stats=``, everything receives
         ``batch_size=`` (int32, the number of real examples) and ``value=`` (the mean loss).
-      stats: the :func:`adabatch.grad_stats` method, passed through (``"microbatch"`` only without
+      method: the :func:`adabatch.grad_stats` method, passed through (``"microbatch"`` only without
         ``micro_batch_size``: its group-mean estimates do not merge across micro-batches).
       micro_batch_size: physical micro-batch :math:`m`; the statistics of :math:`\lceil b/m\rceil` micro-batches
         are accumulated in a loop with a traced trip count (None: the whole buffer at once).
@@ -243,6 +203,7 @@ def make_train_step(
       mesh: a ``jax.sharding.Mesh``: the batch is sharded along ``data_axis``, everything else replicated.
       data_axis: the mesh axis of the batch.
       per_example_keys: pass per-example PRNG keys to ``loss_fn`` (see above).
+      stats: deprecated name of ``method`` (removed in the next release).
 
     Returns:
       A :class:`TrainStep` ``step(state, batch, size=None) -> (state, metrics)``; ``metrics`` holds ``loss``,
@@ -253,7 +214,7 @@ def make_train_step(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import adabatch
-      >>> from adabatch.train import init_train_state, make_train_step
+      >>> from adabatch.training import init_train_state, make_train_step
       >>> loss = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2
       >>> tx = optax.chain(adabatch.norm_test(0.5, max_batch_size=64), optax.sgd(0.1))
       >>> step = make_train_step(loss, tx, micro_batch_size=4)
@@ -262,12 +223,16 @@ def make_train_step(
       >>> int(metrics["batch_size"]), int(state.samples), int(metrics["next_batch_size"]) >= 8
       (8, 8, True)
     """
-    check_choice("stats", stats, per_example.METHODS)
+    if stats is not None:
+        _deprecation.warn("make_train_step(stats=...)", "make_train_step(method=...)")
+        method = stats
+    check_choice("method", method, st.METHODS)
     check_positive_int("micro_batch_size", micro_batch_size, allow_none=True)
-    if stats == "microbatch" and micro_batch_size is not None:
+    if method == "microbatch" and micro_batch_size is not None:
         raise ValueError(
-            "stats='microbatch' estimates the statistics from group means inside one batch and its estimates do not "
-            "merge across micro-batches; use micro_batch_size=None with it, or stats='vmap'/'ghost' with micro-batches"
+            "method='microbatch' estimates the statistics from group means inside one batch and its estimates do "
+            "not merge across micro-batches; use micro_batch_size=None with it, or method='vmap'/'ghost' with "
+            "micro-batches"
         )
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     for name, value in (("sq_sum", sq_sum), ("inner_sq_sum", inner_sq_sum)):
@@ -297,7 +262,7 @@ def make_train_step(
     def step_fn(state: TrainState, batch: Any, size: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         counter[0] += 1
         params = state.params
-        rows = _leading(batch)
+        rows = leading_size(batch)
         m = micro_batch_size or rows
         if rows % m and shards == 1:  # pad with copies of real rows (masked out) to whole micro-batches
             padded = -(-rows // m) * m
@@ -308,7 +273,7 @@ def make_train_step(
                 f"the batch has {rows} rows: it must be a multiple of micro_batch_size={m}, itself a multiple of "
                 f"the {shards} data shards (adabatch.data.bucket_size gives such sizes)"
             )
-        want_sq, want_inner = _infer_needs(tx, params, state.opt_state, sq_sum, inner_sq_sum)
+        want_sq, want_inner = required_statistics(tx, params, state.opt_state, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
         acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
         n = jnp.clip(size, 1, rows).astype(jnp.int32)
         k_max = rows // m
@@ -327,11 +292,11 @@ def make_train_step(
 
         def stats_of(i, inner):
             xs, mask = micro(i)
-            s, losses = per_example.grad_stats(
+            s, losses = st.grad_stats(
                 loss,
                 params,
                 xs,
-                method=stats,
+                method=method,
                 chunk_size=chunk_size,
                 mask=mask,
                 sq_sum=want_sq,
@@ -356,7 +321,7 @@ def make_train_step(
 
                 def inner_body(i, total):
                     xs, mask = micro(i)
-                    a = per_example.inner_products(loss, params, xs, batch_stats.mean).astype(acc)
+                    a = st.inner_products(loss, params, xs, batch_stats.mean).astype(acc)
                     return total + jnp.sum(jnp.where(mask, jnp.square(a), 0))
 
                 inner = jax.lax.fori_loop(0, (n + m - 1) // m, inner_body, jnp.zeros((), acc))
@@ -386,11 +351,11 @@ def make_train_step(
         update_norm = optax.tree.norm(updates).astype(acc)
         effective = jnp.where(grad_norm > 0, update_norm / jnp.where(grad_norm > 0, grad_norm, 1), 0)
         injected = find_state(new_opt, _has_learning_rate)
-        rule = find_state(new_state.opt_state, has_batch_size)  # any batch-size rule (tests, noise-scale rule)
+        rule = find_state(new_state.opt_state, has_decision)  # any batch-size rule (tests, noise-scale rule)
         metrics = dict(
             loss=mean_loss,
             batch_size=n,
-            next_batch_size=n if rule is None else rule.batch_size,
+            next_batch_size=n if rule is None else rule.next_batch_size,
             finite=finite,
             skipped=skipped,
             learning_rate=effective if injected is None else jnp.asarray(injected.hyperparams["learning_rate"], acc),
@@ -407,146 +372,3 @@ def make_train_step(
         return new_state, metrics
 
     return TrainStep(step_fn, micro_batch_size=micro_batch_size, mesh=mesh, data_axis=data_axis, counter=counter)
-
-
-class FitResult(NamedTuple):
-    """What :func:`fit` returns."""
-
-    state: TrainState  # the final state
-    history: list  # one dict of host scalars per step run by this call (plus "step" and "samples")
-    compilations: int  # compilations of the step during this call
-    wall_time_s: float  # wall-clock time of this call
-
-
-def _to_host(metrics: dict) -> dict:
-    out = {}
-    for key, value in jax.device_get(metrics).items():
-        value = np.asarray(value)
-        out[key] = value.item() if value.ndim == 0 else value.tolist()
-    return out
-
-
-def fit(
-    step: TrainStep,
-    state: TrainState,
-    data: Any,
-    *,
-    num_steps: int,
-    batch_size: int,
-    seed: int = 0,
-    callback: Callable[[TrainState, dict], Any] | None = None,
-    checkpoint_dir: str | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    progress: bool = False,
-) -> FitResult:
-    r"""Train until ``state.step == num_steps``, feeding batches of the size the rule in ``tx`` decides.
-
-    Step :math:`k` uses :math:`b_k = \min(N, \max(\texttt{batch\_size}, \text{decision}))` examples (only
-    ``batch_size`` without a rule) taken from the seeded stream of :class:`adabatch.data.DataStream` at offset
-    ``state.samples``, padded to the bucket :math:`P = \text{base}\cdot2^j` with
-    :math:`\text{base}=\texttt{batch\_size}` rounded up to a multiple of the micro-batch and the number of data
-    shards. A decision above the data-set size :math:`N` is capped at :math:`N` with a warning.
-
-    Args:
-      step: from :func:`make_train_step`.
-      state: the initial state (with ``resume``, only its structure matters: the checkpoint replaces it).
-      data: a pytree of in-memory arrays with a leading example axis.
-      num_steps: train until this many steps in total (a resumed run continues to the same total).
-      batch_size: the smallest (and first) batch size; the fixed size when ``tx`` has no rule.
-      seed: seed of the per-epoch shuffling.
-      callback: ``callback(state, record)`` after each step with the new state and the step's host metrics (a dict
-        already in the history: entries the callback adds, e.g. an evaluation, are kept); an exception
-        (``KeyboardInterrupt`` included) stops the run and the last checkpoint stays intact.
-      checkpoint_dir: write the state atomically every ``checkpoint_every`` steps and at the end
-        (:class:`adabatch.checkpoint.Checkpointer`, needs orbax-checkpoint). A directory that already holds
-        checkpoints is refused unless ``resume``.
-      checkpoint_every: the interval in steps (None: only at the end).
-      resume: continue from the latest checkpoint in ``checkpoint_dir`` (an error if there is none). Resumed with
-        the same arguments, the run ends bit-identical to an uninterrupted one.
-      progress: show a tqdm progress bar.
-
-    Returns:
-      A :class:`FitResult`.
-    """
-    check_positive_int("num_steps", num_steps)
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
-    stream = DataStream(data, seed)
-    total = stream.num_examples
-    if batch_size > total:
-        warnings.warn(f"batch_size={batch_size} exceeds the {total} examples of the data set; capped", stacklevel=2)
-        batch_size = total
-    meta = {"seed": int(seed), "num_examples": total, "batch_size": int(batch_size)}
-    checkpointer = None
-    if checkpoint_dir is not None:
-        from adabatch.checkpoint import Checkpointer, CheckpointError
-
-        checkpointer = Checkpointer(checkpoint_dir)
-        if resume:
-            state, saved = checkpointer.restore(state)
-            if any(saved.get(key) != value for key, value in meta.items()):
-                checkpointer.close()
-                raise CheckpointError(
-                    f"the checkpoint in {checkpoint_dir} was written by a run with {saved}; got {meta}"
-                )
-        elif (latest := checkpointer.latest_step()) is not None:
-            checkpointer.close()
-            raise CheckpointError(
-                f"{checkpoint_dir} already holds checkpoints (latest step {latest}); pass "
-                "resume=True to continue that run or choose another directory"
-            )
-    elif resume:
-        raise ValueError("resume=True needs checkpoint_dir")
-    unit = math.lcm(step.micro_batch_size or 1, step.num_shards)
-    base = -(-max(batch_size, step.micro_batch_size or 1) // unit) * unit
-    cap = -(-total // unit) * unit
-    state = _strong(state)
-    if step.mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        sharded = NamedSharding(step.mesh, PartitionSpec(step.data_axis))
-        state = jax.device_put(state, NamedSharding(step.mesh, PartitionSpec()))
-    rule = find_state(state.opt_state, has_batch_size)
-    decision = batch_size if rule is None else int(rule.batch_size)
-    offset, done = int(state.samples), int(state.step)
-    start_compilations, start = step.compilations, time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=done, unit="step", leave=False, mininterval=0.5)
-    history, warned = [], False
-    try:
-        while done < num_steps:
-            size = max(batch_size, decision)
-            if size > total:
-                if not warned:
-                    warnings.warn(
-                        f"batch size {size} exceeds the {total} examples of the data set; capped", stacklevel=2
-                    )
-                    warned = True
-                size = total
-            physical = bucket_size(size, base, cap)
-            batch = stream.batch(offset, size, physical, step.micro_batch_size, step.num_shards)
-            if step.mesh is not None:
-                batch = jax.device_put(batch, sharded)
-            state, metrics = step(state, batch, size)
-            offset, done = offset + size, done + 1
-            record = _to_host(metrics)
-            record.update(step=done, samples=offset)
-            history.append(record)
-            decision = int(record["next_batch_size"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", batch=size, refresh=False)
-            if callback is not None:
-                callback(state, record)
-            if checkpointer is not None and (done == num_steps or (checkpoint_every and done % checkpoint_every == 0)):
-                checkpointer.save(done, state, metadata=meta)
-    finally:
-        if bar is not None:
-            bar.close()
-        if checkpointer is not None:
-            checkpointer.close()
-    return FitResult(state, history, step.compilations - start_compilations, time.perf_counter() - start)

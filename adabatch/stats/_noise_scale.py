@@ -25,9 +25,8 @@ often negative, so :func:`noise_scale` smooths numerator and denominator *separa
 exponential moving averages and only then divides. Estimates that come out negative, infinite or NaN are clamped
 into ``[min_noise_scale, max_noise_scale]`` and flagged in the state; a NaN never leaves this module.
 
-:func:`noise_scale_rule` turns the estimate into a batch-size decision (next batch :math:`\approx B_\text{simple}`)
-with hysteresis against thrashing, the same options as the rules of :mod:`adabatch.rules`, and a ``batch_size``
-field that :func:`adabatch.batch_size` finds.
+:func:`adabatch.rules.noise_scale_rule` turns the estimate into a batch-size decision (next batch
+:math:`\approx B_\text{simple}`) with hysteresis against thrashing.
 
 References:
   McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training", 2018,
@@ -44,26 +43,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adabatch import rules
-from adabatch import stats as st
 from adabatch._validation import (
     accumulation_dtype,
     check_choice,
     check_positive,
     check_unit_interval,
     is_concrete,
+    tree_accumulation_dtype,
 )
+from adabatch.stats import _grad_stats as st
+from adabatch.stats._inputs import GradStatsNeeds, read_statistics
 
 __all__ = [
     "NoiseScaleEstimate",
-    "NoiseScaleRuleState",
     "NoiseScaleState",
     "adam_preconditioner",
     "bias_corrected_ema",
     "clamp_noise_scale",
     "estimate_from_stats",
     "noise_scale",
-    "noise_scale_rule",
     "precondition",
     "two_batch_estimate",
 ]
@@ -91,7 +89,7 @@ def estimate_from_stats(stats: st.GradStats) -> NoiseScaleEstimate:
     Example:
       >>> import jax.numpy as jnp
       >>> from adabatch.stats import from_per_example
-      >>> from adabatch.noise_scale import estimate_from_stats
+      >>> from adabatch.stats import estimate_from_stats
       >>> est = estimate_from_stats(from_per_example({"w": jnp.array([[3.0, 0.0], [1.0, 2.0]])}))
       >>> float(est.trace_cov), float(est.grad_sq_norm)
       (4.0, 3.0)
@@ -126,7 +124,7 @@ def two_batch_estimate(
       A :class:`NoiseScaleEstimate`.
 
     Example:
-      >>> from adabatch.noise_scale import two_batch_estimate
+      >>> from adabatch.stats import two_batch_estimate
       >>> est = two_batch_estimate(small_sq_norm=5.0, big_sq_norm=2.0, small_batch_size=1, big_batch_size=4)
       >>> float(est.trace_cov), float(est.grad_sq_norm)
       (4.0, 1.0)
@@ -161,7 +159,7 @@ def clamp_noise_scale(
     NaN.
 
     Example:
-      >>> from adabatch.noise_scale import clamp_noise_scale
+      >>> from adabatch.stats import clamp_noise_scale
       >>> [(f"{float(v):.3g}", bool(f)) for v, f in (clamp_noise_scale(6.0, 2.0), clamp_noise_scale(6.0, -1.0))]
       [('3', False), ('1e+12', True)]
     """
@@ -188,7 +186,7 @@ def bias_corrected_ema(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adabatch.noise_scale import bias_corrected_ema
+      >>> from adabatch.stats import bias_corrected_ema
       >>> m, u = bias_corrected_ema(jnp.float32(0), jnp.float32(0), jnp.float32(5), decay=0.9)
       >>> float(m / u)
       5.0
@@ -212,7 +210,7 @@ def precondition(stats: st.GradStats, inverse_scale: Any) -> st.GradStats:
     Example:
       >>> import jax.numpy as jnp
       >>> from adabatch.stats import from_per_example
-      >>> from adabatch.noise_scale import precondition
+      >>> from adabatch.stats import precondition
       >>> s = from_per_example({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, sq_sum=True)
       >>> p = precondition(s, {"w": jnp.array([2.0, 0.5])})
       >>> p.mean["w"].tolist(), float(p.sq_norm_sum)
@@ -238,7 +236,7 @@ def adam_preconditioner(nu: Any, count: Any, *, b2: Any = 0.999, eps: Any = 1e-8
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adabatch.noise_scale import adam_preconditioner
+      >>> from adabatch.stats import adam_preconditioner
       >>> adam_preconditioner(jnp.array([0.04]), 1, b2=0.0, eps=0.0).tolist()
       [5.0]
     """
@@ -268,19 +266,10 @@ class NoiseScaleState(NamedTuple):
     clamped_count: jax.Array  # int32[]: updates whose smoothed estimate was clamped
     nonfinite_count: jax.Array  # int32[]: updates skipped because a statistic was not finite (or b < 2)
     nu: Any  # params-shaped float (preconditioner="adam"): EMA of ḡ², Adam's v; None otherwise
+    grad_stats_needs: GradStatsNeeds  # static (no leaves): Σgᵢ⊙gᵢ with preconditioner="adam"
 
 
-def _state_dtype(params: Any) -> jnp.dtype:
-    leaves = jax.tree_util.tree_leaves(params)
-    return accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
-
-
-def _read_stats(updates: Any, grad_stats: Any, needs_sq_sum: bool, max_batch_size: Any) -> tuple[Any, st.GradStats]:
-    """The (mean) updates and the statistics, from ``grad_stats`` or from per-example ``updates``."""
-    return rules.read_statistics(updates, grad_stats, max_batch_size, sq_sum=needs_sq_sum)
-
-
-def _estimator(
+def noise_scale_estimator(
     decay: Any,
     preconditioner: str,
     b2: Any,
@@ -308,9 +297,13 @@ def _estimator(
     adam = preconditioner == "adam"
 
     def init(params: Any) -> NoiseScaleState:
-        dtype = _state_dtype(params)
+        dtype = tree_accumulation_dtype(params)
         zero, izero = jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
-        nu = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), _state_dtype(p)), params) if adam else None
+        nu = (
+            jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), tree_accumulation_dtype(p)), params)
+            if adam
+            else None
+        )
         return NoiseScaleState(
             count=izero,
             num_estimates=izero,
@@ -325,6 +318,7 @@ def _estimator(
             clamped_count=izero,
             nonfinite_count=izero,
             nu=nu,
+            grad_stats_needs=GradStatsNeeds(sq_sum=adam),
         )
 
     def update(stats: st.GradStats, state: NoiseScaleState) -> NoiseScaleState:
@@ -372,6 +366,7 @@ def _estimator(
             clamped_count=state.clamped_count + clamped.astype(jnp.int32),
             nonfinite_count=state.nonfinite_count + (~valid).astype(jnp.int32),
             nu=nu,
+            grad_stats_needs=state.grad_stats_needs,
         )
 
     return init, update
@@ -389,12 +384,12 @@ _ESTIMATOR_DOC = """      decay: EMA decay :math:`\\beta` per update of the smoo
 """
 
 
-def _with_estimator_doc(fn):
+def with_estimator_doc(fn):
     fn.__doc__ = fn.__doc__.replace("      {estimator}\n", _ESTIMATOR_DOC)
     return fn
 
 
-@_with_estimator_doc
+@with_estimator_doc
 def noise_scale(
     decay: float = 0.99,
     *,
@@ -427,7 +422,7 @@ def noise_scale(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from adabatch.noise_scale import noise_scale
+      >>> from adabatch.stats import noise_scale
       >>> tx = noise_scale(decay=0.0)
       >>> per_example = {"w": jnp.array([[3.0, 0.0], [1.0, 2.0]])}
       >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
@@ -438,118 +433,14 @@ def noise_scale(
       McCandlish et al., "An Empirical Model of Large-Batch Training", 2018, https://arxiv.org/abs/1812.06162.
       Qiao et al., "Pollux", OSDI 2021, https://arxiv.org/abs/2008.12260.
     """
-    init, update = _estimator(decay, preconditioner, b2, eps, precondition_after, min_noise_scale, max_noise_scale)
-    needs_sq_sum = preconditioner == "adam"
+    init, update = noise_scale_estimator(
+        decay, preconditioner, b2, eps, precondition_after, min_noise_scale, max_noise_scale
+    )
+    needs = GradStatsNeeds(sq_sum=preconditioner == "adam")
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = _read_stats(updates, grad_stats, needs_sq_sum, jnp.iinfo(jnp.int32).max)
+        updates, stats = read_statistics(updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=needs)
         return updates, update(stats, state)
 
     return optax.GradientTransformationExtraArgs(init, update_fn)
-
-
-class NoiseScaleRuleState(NamedTuple):
-    """State of :func:`noise_scale_rule`."""
-
-    batch_size: jax.Array  # int32[]: the decision, size of the next batch
-    change_count: jax.Array  # int32[]: how many times the decision changed
-    noise: NoiseScaleState  # the tracker's state (B_simple and its ingredients)
-
-
-@_with_estimator_doc
-def noise_scale_rule(
-    multiplier: float = 1.0,
-    *,
-    min_relative_change: float = 0.1,
-    monotone: bool = True,
-    max_batch_size: int = rules.DEFAULT_MAX_BATCH_SIZE,
-    init_batch_size: int = rules.DEFAULT_INIT_BATCH_SIZE,
-    granularity: int = 1,
-    test_interval: int = 1,
-    decay: float = 0.99,
-    preconditioner: str = "none",
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    precondition_after: int = 5,
-    min_noise_scale: float = DEFAULT_MIN_NOISE_SCALE,
-    max_noise_scale: float = DEFAULT_MAX_NOISE_SCALE,
-) -> optax.GradientTransformationExtraArgs:
-    r"""A batch-size rule that follows the gradient noise scale: next batch :math:`\approx c\,B_\text{simple}`.
-
-    With :math:`\hat B` the smoothed, clamped :math:`B_\text{simple}` of :func:`noise_scale` and :math:`b_k` the
-    current decision, every ``test_interval`` updates the candidate is
-
-    .. math:: b' = \min\bigl(B_{\max}, \operatorname{roundup}_G(\lceil c\hat B\rceil)\bigr)
-        \quad(\text{with }\texttt{monotone}: b' \leftarrow \max(b', b_k, b)),
-
-    and the decision becomes :math:`b'` only if :math:`|b'-b_k| > \rho\,b_k` (hysteresis against thrashing,
-    :math:`\rho` = ``min_relative_change``) or :math:`b' = B_{\max} \le c\hat B` (the cap is always reachable),
-    else stays :math:`b_k`. While the estimate is flagged (``clamped``:
-    the smoothed :math:`\lVert G\rVert^2` is not positive yet) or absent, the decision is held. McCandlish et al.
-    show the critical batch size is about :math:`B_\text{noise}\approx B_\text{simple}`: a batch there spends
-    roughly twice the minimal steps and twice the minimal examples.
-
-    Args:
-      multiplier: :math:`c>0`, the target batch as a multiple of :math:`B_\text{simple}`.
-      min_relative_change: :math:`\rho\ge0`; smaller relative changes are ignored.
-      monotone: never shrink the batch (the default, like the tests of :mod:`adabatch.rules`); also floors the
-        decision at the current batch's own size.
-      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
-      {estimator}
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleRuleState`; per-example ``updates``
-      or ``grad_stats=`` as :func:`noise_scale`. Read the decision with :func:`adabatch.batch_size`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import adabatch
-      >>> from adabatch.noise_scale import noise_scale_rule
-      >>> tx = noise_scale_rule(decay=0.0, init_batch_size=2, max_batch_size=64)
-      >>> noisy = {"w": jnp.array([[3.0, 1.0], [-1.0, 0.5], [2.5, 1.5], [-1.0, 1.0]])}
-      >>> _, state = tx.update(noisy, tx.init({"w": jnp.zeros(2)}))
-      >>> int(adabatch.batch_size(state)), round(float(state.noise.b_simple), 2)
-      (10, 9.04)
-
-    References:
-      McCandlish et al., "An Empirical Model of Large-Batch Training", 2018, https://arxiv.org/abs/1812.06162.
-    """
-    check_positive("multiplier", multiplier)
-    check_positive("min_relative_change", min_relative_change, allow_zero=True)
-    if not isinstance(monotone, bool):
-        raise ValueError(f"monotone must be a Python bool, got {monotone!r}")
-    rules.check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
-    init, update = _estimator(decay, preconditioner, b2, eps, precondition_after, min_noise_scale, max_noise_scale)
-    needs_sq_sum = preconditioner == "adam"
-
-    def init_fn(params):
-        return NoiseScaleRuleState(
-            batch_size=jnp.asarray(init_batch_size, jnp.int32),
-            change_count=jnp.zeros((), jnp.int32),
-            noise=init(params),
-        )
-
-    def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
-        del params, extra_args
-        updates, stats = _read_stats(updates, grad_stats, needs_sq_sum, max_batch_size)
-        noise = update(stats, state.noise)
-        cap = jnp.asarray(max_batch_size, jnp.int32)
-        target = jnp.asarray(multiplier, noise.b_simple.dtype) * noise.b_simple
-        proposed = jnp.ceil(jnp.minimum(target, cap.astype(target.dtype))).astype(jnp.int32)
-        current = state.batch_size
-        if monotone:
-            proposed = jnp.maximum(proposed, jnp.maximum(current, jnp.asarray(stats.count, jnp.int32)))
-        proposed = rules.round_batch_size(proposed, granularity, cap)
-        relative = jnp.abs(proposed - current).astype(jnp.float32) / jnp.maximum(current, 1).astype(jnp.float32)
-        scheduled = state.noise.count % jnp.asarray(test_interval, jnp.int32) == 0
-        usable = (noise.num_estimates > 0) & ~noise.clamped
-        to_cap = (proposed == cap) & (target >= cap.astype(target.dtype))  # the cap is always reachable
-        big_enough = (relative > jnp.asarray(min_relative_change, jnp.float32)) | to_cap
-        change = scheduled & usable & big_enough & (proposed != current)
-        return updates, NoiseScaleRuleState(
-            batch_size=jnp.where(change, proposed, current),
-            change_count=state.change_count + change.astype(jnp.int32),
-            noise=noise,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

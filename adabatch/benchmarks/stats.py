@@ -9,7 +9,7 @@ PyTorch peers (``torch.func`` vmap per-sample gradients, BackPACK ``BatchL2Grad`
 grad samples and Opacus ghost-clipping norms) run in the same process when installed (the ``bench`` extra) and are
 timed against a plain PyTorch ``backward()`` of the equivalent model.
 
-Run ``adabatch bench stats [--quick] [--out docs/benchmarks.md]`` or ``python benchmarks/stats.py``.
+Run ``adabatch bench stats [--quick] [--out docs/benchmarks.md]`` or ``python -m adabatch.benchmarks.stats``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adabatch.commands.bench import add_stats_arguments
 from adabatch.datasets import load_digits, load_text
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
-from adabatch.per_example import grad_stats, inner_products
+from adabatch.stats import grad_stats, inner_products
 
-__all__ = ["JAX_METHODS", "TORCH_METHODS", "execute", "main", "run", "write_section"]
+__all__ = ["JAX_METHODS", "TORCH_METHODS", "add_arguments", "execute", "main", "run", "write_section"]
 
 SECTION = "## Per-example statistics"
 MODELS = ("mlp", "cnn", "lm")
@@ -472,9 +471,19 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``adabatch bench stats`` (also ``python -m adabatch.benchmarks.stats``)."""
+    parser.add_argument("--quick", action="store_true", help="tiny models, one batch size (a smoke test)")
+    parser.add_argument("--out", default=None, help="write the '## Per-example statistics' section into this file")
+    parser.add_argument("--models", default="mlp,cnn,lm", help="comma-separated subset of mlp,cnn,lm")
+    parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (default 32,64,...,1024)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    parser.add_argument("--conclusion", default=None, help="a Markdown file whose text ends the section")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_stats_arguments(parser)
+    add_arguments(parser)
     return execute(parser.parse_args(argv))
 
 

@@ -21,26 +21,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adabatch._chunks import split_batch
 from adabatch._validation import accumulation_dtype, check_choice, check_floating_tree, check_positive_int
-from adabatch.ghost import ghost_stats, plan_ghost
-from adabatch.microbatch import DEFAULT_MICROBATCHES, microbatch_grad_stats
-from adabatch.stats import GradStats, from_per_example
+from adabatch.stats._batch import example_loss, leading_size
+from adabatch.stats._chunks import split_batch
+from adabatch.stats._ghost import ghost_stats, plan_ghost
+from adabatch.stats._grad_stats import GradStats, from_per_example
+from adabatch.stats._microbatch import DEFAULT_MICROBATCHES, microbatch_grad_stats
 
 __all__ = ["grad_stats", "inner_products", "per_example_grads"]
 
 METHODS = ("vmap", "ghost", "auto", "microbatch")
-
-
-def _batch_size(batch: Any) -> int:
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        raise ValueError("batch must have at least one array leaf with a leading batch axis")
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
-        shapes = [tuple(jnp.shape(x)) for x in leaves]
-        raise ValueError(f"batch leaves must share one leading batch axis; got shapes {shapes}")
-    return sizes.pop()
 
 
 def _check_loss_fn(loss_fn: Callable, params: Any, batch: Any, b: int) -> None:
@@ -52,16 +42,6 @@ def _check_loss_fn(loss_fn: Callable, params: Any, batch: Any, b: int) -> None:
             f"{'a scalar' if shape == () else f'shape {shape}'}. Return the vector of per-example losses, "
             "not their mean."
         )
-
-
-def _example_loss(loss_fn: Callable) -> Callable:
-    """The loss of one example (an unbatched pytree) as a scalar function of params."""
-
-    def single(params, example):
-        one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
-        return loss_fn(params, one)[0]
-
-    return single
 
 
 def per_example_grads(loss_fn: Callable, params: Any, batch: Any, *, return_losses: bool = False) -> Any:
@@ -83,9 +63,9 @@ def per_example_grads(loss_fn: Callable, params: Any, batch: Any, *, return_loss
       >>> per_example_grads(loss, jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0], [0.0, 1.0]])).tolist()
       [[1.0, 0.0], [0.0, 2.0]]
     """
-    b = _batch_size(batch)
+    b = leading_size(batch)
     _check_loss_fn(loss_fn, params, batch, b)
-    losses, grads = jax.vmap(jax.value_and_grad(_example_loss(loss_fn)), in_axes=(None, 0))(params, batch)
+    losses, grads = jax.vmap(jax.value_and_grad(example_loss(loss_fn)), in_axes=(None, 0))(params, batch)
     return (grads, losses) if return_losses else grads
 
 
@@ -206,7 +186,7 @@ def grad_stats(
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     check_positive_int("num_microbatches", num_microbatches, allow_none=True)
     check_floating_tree("params", params)
-    b = _batch_size(batch)
+    b = leading_size(batch)
     if mask is not None and jnp.shape(mask) != (b,):
         raise ValueError(f"mask must have shape ({b},) to match the batch, got {jnp.shape(mask)}")
     _check_loss_fn(loss_fn, params, batch, b)
@@ -219,17 +199,17 @@ def grad_stats(
         )
         report = dict.fromkeys(paths, "microbatch")
     else:
-        example_loss = _example_loss(loss_fn)
+        single = example_loss(loss_fn)
         plan = None
         if method in ("ghost", "auto"):
-            plan = plan_ghost(example_loss, params, jax.tree_util.tree_map(lambda x: x[0], batch))
+            plan = plan_ghost(single, params, jax.tree_util.tree_map(lambda x: x[0], batch))
             if method == "auto" and not plan.covers_any:
                 plan = None
         if plan is not None:
             report = plan.report()
 
             def chunk_fn(xs, w, inner=False):
-                return ghost_stats(plan, example_loss, params, xs, w, sq_sum=sq_sum, inner_sq_sum=inner)
+                return ghost_stats(plan, single, params, xs, w, sq_sum=sq_sum, inner_sq_sum=inner)
 
         else:
             report = dict.fromkeys(paths, "vmap")

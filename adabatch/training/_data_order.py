@@ -37,7 +37,7 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits the ``num_examples`` examples (seeded, reproducible).
 
     Example:
-      >>> from adabatch.data import epoch_permutation
+      >>> from adabatch.training import epoch_permutation
       >>> sorted(epoch_permutation(5, seed=0, epoch=3).tolist())
       [0, 1, 2, 3, 4]
     """
@@ -50,7 +50,7 @@ def bucket_size(size: int, base: int, cap: int | None = None) -> int:
     ``cap`` (if given) must be a multiple of the unit the buckets must respect and at least ``size``.
 
     Example:
-      >>> from adabatch.data import bucket_size
+      >>> from adabatch.training import bucket_size
       >>> [bucket_size(b, 32) for b in (1, 32, 33, 100, 129)], bucket_size(900, 32, cap=928)
       ([32, 32, 64, 128, 256], 928)
     """
@@ -70,7 +70,7 @@ def physical_order(physical_size: int, micro_batch_size: int, num_shards: int = 
     """``order[r]`` = the logical example index stored at physical row ``r`` (see the module docstring).
 
     Example:
-      >>> from adabatch.data import physical_order
+      >>> from adabatch.training import physical_order
       >>> physical_order(8, micro_batch_size=4, num_shards=2).tolist()
       [0, 1, 4, 5, 2, 3, 6, 7]
     """
@@ -95,7 +95,7 @@ class DataStream:
 
     Example:
       >>> import numpy as np
-      >>> from adabatch.data import DataStream
+      >>> from adabatch.training import DataStream
       >>> stream = DataStream({"x": np.arange(10.0)}, seed=0)
       >>> batch = stream.batch(offset=8, size=4, physical_size=8)  # straddles epochs 0 and 1
       >>> batch["x"].shape, len(set(stream.indices(0, 10).tolist()))

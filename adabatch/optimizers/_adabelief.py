@@ -17,10 +17,10 @@ import optax
 
 from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_unit_interval
 
-__all__ = ["AdaBeliefState", "adabelief", "scale_by_belief"]
+__all__ = ["ScaleByBeliefState", "adabelief", "scale_by_belief"]
 
 
-class AdaBeliefState(NamedTuple):
+class ScaleByBeliefState(NamedTuple):
     """State of :func:`scale_by_belief`."""
 
     count: jax.Array  # shape (), int32: number of updates taken so far (the step index t of the last update)
@@ -133,13 +133,13 @@ def scale_by_belief(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (extra arguments ignored) whose state is an
-      :class:`AdaBeliefState`. ``nu_max`` is ``None`` unless ``amsgrad`` (saving a params-sized buffer;
+      :class:`ScaleByBeliefState`. ``nu_max`` is ``None`` unless ``amsgrad`` (saving a params-sized buffer;
       ``amsgrad`` is static, so the state tree is fixed for a given transformation). Updates come back in the
       dtype of the incoming updates.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adabatch.adabelief import scale_by_belief
+      >>> from adabatch.optimizers import scale_by_belief
       >>> tx = scale_by_belief()
       >>> state = tx.init(jnp.zeros(3))
       >>> d, state = tx.update(jnp.array([1.0, -2.0, 3.0]), state)  # rho_1 = 1 < 5: bias-corrected momentum
@@ -160,10 +160,10 @@ def scale_by_belief(
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
 
-    def init_fn(params: optax.Params) -> AdaBeliefState:
+    def init_fn(params: optax.Params) -> ScaleByBeliefState:
         check_floating_tree("params", params)
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
-        return AdaBeliefState(
+        return ScaleByBeliefState(
             count=jnp.zeros([], jnp.int32),
             mu=zeros,
             nu=zeros,
@@ -171,8 +171,8 @@ def scale_by_belief(
         )
 
     def update_fn(
-        updates: optax.Updates, state: AdaBeliefState, params: optax.Params | None = None, **extra_args: Any
-    ) -> tuple[optax.Updates, AdaBeliefState]:
+        updates: optax.Updates, state: ScaleByBeliefState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, ScaleByBeliefState]:
         del params, extra_args
         check_floating_tree("updates", updates)
         count = optax.safe_increment(state.count)
@@ -222,7 +222,7 @@ def scale_by_belief(
             return d.astype(jnp.result_type(g))
 
         out = jax.tree.map(step, updates, mu, nu, denom_state)
-        return out, AdaBeliefState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        return out, ScaleByBeliefState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -279,7 +279,7 @@ def adabelief(
     Example:
       >>> import jax.numpy as jnp
       >>> import optax
-      >>> from adabatch.adabelief import adabelief
+      >>> from adabatch.optimizers import adabelief
       >>> params = jnp.array([1.0, -2.0])
       >>> opt = adabelief(learning_rate=0.1, rectify=False)
       >>> state = opt.init(params)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from adabatch.ghost import capture, register_capture_backend
+from adabatch.stats.ghost import capture, register_capture_backend
 
 __all__ = ["linen_capture"]
 

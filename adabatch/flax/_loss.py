@@ -1,5 +1,5 @@
 """Per-example losses from Flax models: the ``loss_fn(params, batch) -> (b,)`` form every adabatch producer of
-statistics (:func:`adabatch.grad_stats`, :func:`adabatch.train.make_train_step`) takes.
+statistics (:func:`adabatch.grad_stats`, :func:`adabatch.make_train_step`) takes.
 """
 
 from __future__ import annotations

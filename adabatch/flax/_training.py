@@ -19,15 +19,16 @@ import optax
 from flax import nnx
 from flax.training import train_state
 
-from adabatch import per_example
-from adabatch.flax.loss import nnx_params
-from adabatch.rules import batch_size as _rule_batch_size
-from adabatch.train import required_statistics
+from adabatch import _deprecation
+from adabatch import stats as st
+from adabatch.flax._loss import nnx_params
+from adabatch.rules import next_batch_size
+from adabatch.training import required_statistics
 
-__all__ = ["TrainState", "linen_update", "nnx_update"]
+__all__ = ["LinenTrainState", "linen_update", "nnx_update"]
 
 
-class TrainState(train_state.TrainState):
+class LinenTrainState(train_state.TrainState):
     """A ``flax.training.train_state.TrainState`` whose ``apply_gradients`` forwards extra arguments to
     ``tx.update``.
 
@@ -38,22 +39,22 @@ class TrainState(train_state.TrainState):
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> import adabatch
-      >>> from adabatch.flax import TrainState
+      >>> from adabatch.flax import LinenTrainState
       >>> tx = optax.chain(adabatch.norm_test(0.5, max_batch_size=64), optax.sgd(0.1))
-      >>> state = TrainState.create(apply_fn=None, params=jnp.zeros(2), tx=tx)
+      >>> state = LinenTrainState.create(apply_fn=None, params=jnp.zeros(2), tx=tx)
       >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
       >>> stats = adabatch.stats.from_per_example(g)
       >>> state = state.apply_gradients(grads=stats.mean, grad_stats=stats)
-      >>> int(state.step), int(state.batch_size) >= 3
+      >>> int(state.step), int(state.next_batch_size) >= 3
       (1, True)
     """
 
-    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> LinenTrainState:
         fields = {field.name for field in dataclasses.fields(self)}
         replaced = {key: value for key, value in kwargs.items() if key in fields}
         extra = {key: value for key, value in kwargs.items() if key not in fields}
         if isinstance(grads, dict) and "_overwrite_with_gradient" in grads:
-            raise ValueError("adabatch.flax.TrainState does not support the overwrite-with-gradient collection")
+            raise ValueError("adabatch.flax.LinenTrainState does not support the overwrite-with-gradient collection")
         tx = optax.with_extra_args_support(self.tx)
         updates, opt_state = tx.update(grads, self.opt_state, self.params, **extra)
         return self.replace(
@@ -61,14 +62,20 @@ class TrainState(train_state.TrainState):
         )
 
     @property
+    def next_batch_size(self) -> jax.Array:
+        """The batch-size decision of the rule in ``tx`` (see :func:`adabatch.next_batch_size`)."""
+        return next_batch_size(self.opt_state)
+
+    @property
     def batch_size(self) -> jax.Array:
-        """The batch-size decision of the rule in ``tx`` (see :func:`adabatch.batch_size`)."""
-        return _rule_batch_size(self.opt_state)
+        """Deprecated name of :attr:`next_batch_size` (removed in the next release)."""
+        _deprecation.warn("LinenTrainState.batch_size", "LinenTrainState.next_batch_size")
+        return next_batch_size(self.opt_state)
 
 
 def _stats_and_loss(loss_fn, params, batch, tx, opt_state, method, sq_sum, inner_sq_sum, mask):
     sq_sum, inner_sq_sum = required_statistics(tx, params, opt_state, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
-    stats, losses = per_example.grad_stats(
+    stats, losses = st.grad_stats(
         loss_fn,
         params,
         batch,
@@ -85,7 +92,7 @@ def _stats_and_loss(loss_fn, params, batch, tx, opt_state, method, sq_sum, inner
 
 
 def linen_update(
-    state: TrainState,
+    state: LinenTrainState,
     loss_fn: Callable[[Any, Any], jax.Array],
     batch: Any,
     *,
@@ -93,8 +100,8 @@ def linen_update(
     sq_sum: bool | None = None,
     inner_sq_sum: bool | None = None,
     mask: jax.Array | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update of a linen :class:`TrainState` on ``batch`` with per-example statistics.
+) -> tuple[LinenTrainState, dict[str, jax.Array]]:
+    """One update of a linen :class:`LinenTrainState` on ``batch`` with per-example statistics.
 
     Args:
       state: the train state.

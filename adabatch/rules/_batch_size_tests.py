@@ -43,19 +43,18 @@ import jax.numpy as jnp
 import optax
 
 from adabatch import stats as st
-from adabatch._validation import (
-    check_choice,
-    check_floating_tree,
-    check_positive,
-    check_positive_int,
-    check_unit_interval,
-    is_concrete,
+from adabatch._validation import check_choice, check_positive, check_unit_interval
+from adabatch.rules._common import (
+    DEFAULT_INIT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    check_rule_arguments,
+    round_batch_size,
 )
+from adabatch.stats import GradStatsNeeds, read_statistics
 
 __all__ = [
     "BatchSizeTestState",
     "augmented_inner_product_test",
-    "batch_size",
     "coordinate_norm_test",
     "decide",
     "inner_product_test",
@@ -65,20 +64,19 @@ __all__ = [
 
 TESTS = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm")
 AGGREGATIONS = ("max", "mean", "quantile")
-DEFAULT_MAX_BATCH_SIZE = 50_000  # the AdAdaGrad reference code's default cap
-DEFAULT_INIT_BATCH_SIZE = 16  # small, yet enough examples for a usable variance estimate
 
 
 class BatchSizeTestState(NamedTuple):
     """State of every batch-size test (one shared layout, so tooling reads any rule the same way)."""
 
     count: jax.Array  # int32[]: updates seen (the test runs when count % test_interval == 0)
-    batch_size: jax.Array  # int32[]: the decision, size of the next batch
+    next_batch_size: jax.Array  # int32[]: the decision, size of the next batch
     statistic: jax.Array  # float32[]: b*/b at the last finite test (≤ 1 means it passed)
     trace_cov: jax.Array  # float32[]: trΣ̂ at the last finite test
     mean_sq_norm: jax.Array  # float32[]: ‖ḡ‖² at the last finite test
     threshold: jax.Array  # float32[] (float32[2] = (θ_max, ν_max) for the augmented test): smallest passing constant
     nonfinite_count: jax.Array  # int32[]: tests skipped because a statistic was non-finite
+    grad_stats_needs: GradStatsNeeds  # static (no leaves): the optional statistics this test reads
 
 
 class _Requirement(NamedTuple):
@@ -171,92 +169,20 @@ def decide(
     n = jnp.asarray(stats.count, jnp.int32)
     cap = jnp.asarray(max_batch_size, jnp.int32)
     ceiling = jnp.ceil(jnp.minimum(req.required, jnp.asarray(cap, jnp.float32))).astype(jnp.int32)
-    proposed = round_batch_size(jnp.maximum(jnp.maximum(state.batch_size, n), ceiling), granularity, cap)
+    proposed = round_batch_size(jnp.maximum(jnp.maximum(state.next_batch_size, n), ceiling), granularity, cap)
     scheduled = state.count % jnp.asarray(test_interval, jnp.int32) == 0
     run = scheduled & req.finite
     keep = lambda new, old: jnp.where(run, jnp.asarray(new, old.dtype), old)  # noqa: E731
     return BatchSizeTestState(
         count=optax.safe_increment(state.count),
-        batch_size=keep(proposed, state.batch_size),
+        next_batch_size=keep(proposed, state.next_batch_size),
         statistic=keep(req.required / jnp.maximum(n, 1), state.statistic),
         trace_cov=keep(st.trace_covariance(stats), state.trace_cov),
         mean_sq_norm=keep(st.mean_sq_norm(stats), state.mean_sq_norm),
         threshold=keep(req.threshold, state.threshold),
         nonfinite_count=state.nonfinite_count + (scheduled & ~req.finite).astype(jnp.int32),
+        grad_stats_needs=state.grad_stats_needs,
     )
-
-
-def round_batch_size(proposed: jax.Array, granularity: Any, max_batch_size: Any) -> jax.Array:
-    """``min(max_batch_size, roundup_granularity(max(proposed, 1)))`` in int32 (every rule rounds this way)."""
-    g = jnp.asarray(granularity, jnp.int32)
-    return jnp.minimum(-(-jnp.maximum(proposed, 1) // g) * g, jnp.asarray(max_batch_size, jnp.int32))
-
-
-def check_rule_arguments(max_batch_size: Any, init_batch_size: Any, granularity: Any, test_interval: Any) -> None:
-    """The eager checks every batch-size rule applies to its shared arguments (ValueError naming the argument)."""
-    check_positive_int("max_batch_size", max_batch_size)
-    check_positive_int("init_batch_size", init_batch_size)
-    check_positive_int("granularity", granularity)
-    check_positive_int("test_interval", test_interval)
-    if is_concrete(init_batch_size) and int(init_batch_size) < 2:
-        raise ValueError(
-            f"init_batch_size must be at least 2, got {init_batch_size}: one example cannot estimate a variance, so "
-            "a loop that feeds the decided size would stay at one example forever"
-        )
-    if is_concrete(max_batch_size) and is_concrete(init_batch_size) and int(init_batch_size) > int(max_batch_size):
-        raise ValueError(f"max_batch_size={max_batch_size} is below init_batch_size={init_batch_size}")
-    if is_concrete(max_batch_size) and is_concrete(granularity) and int(max_batch_size) % int(granularity):
-        raise ValueError(f"max_batch_size={max_batch_size} must be a multiple of granularity={granularity}")
-
-
-def read_statistics(
-    updates: Any, grad_stats: Any, max_batch_size: Any, *, sq_sum: bool = False, inner_sq_sum: bool = False
-) -> tuple[Any, st.GradStats]:
-    """The two entry points of a rule: ``(mean updates, GradStats)`` from per-example ``updates`` (leading axis), or
-    from ``updates`` (the mean) and ``grad_stats``, checking that the statistics fit the updates and hold the
-    optional fields the rule needs."""
-    check_floating_tree("updates", updates)
-    if grad_stats is None:
-        _per_example_size(updates, max_batch_size)
-        stats = st.from_per_example(updates, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
-        return jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates), stats
-    _check_grad_stats(grad_stats, updates, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
-    return updates, grad_stats
-
-
-def _check_grad_stats(grad_stats: Any, updates: Any, *, sq_sum: bool, inner_sq_sum: bool) -> None:
-    if not isinstance(grad_stats, st.GradStats):
-        raise ValueError(f"grad_stats must be an adabatch.GradStats, got {type(grad_stats).__name__}")
-    ours, theirs = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(grad_stats.mean)
-    if ours != theirs:
-        raise ValueError(f"grad_stats.mean must have the tree of the updates; got {theirs}, expected {ours}")
-    for u, m in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(grad_stats.mean), strict=True):
-        if jnp.shape(u) != jnp.shape(m):
-            raise ValueError(f"grad_stats.mean leaf of shape {jnp.shape(m)} does not match update shape {jnp.shape(u)}")
-    check_floating_tree("grad_stats.mean", grad_stats.mean)
-    if not jnp.issubdtype(jnp.result_type(grad_stats.sq_norm_sum), jnp.floating):
-        raise ValueError(f"grad_stats.sq_norm_sum must be floating, got {jnp.result_type(grad_stats.sq_norm_sum)}")
-    if sq_sum and grad_stats.sq_sum is None:
-        raise ValueError("grad_stats.sq_sum is None; this rule needs it (compute with grad_stats(..., sq_sum=True))")
-    if inner_sq_sum and grad_stats.inner_sq_sum is None:
-        raise ValueError(
-            "grad_stats.inner_sq_sum is None; this rule needs it (compute with grad_stats(..., inner_sq_sum=True))"
-        )
-
-
-def _per_example_size(updates: Any, max_batch_size: Any) -> None:
-    leaves = jax.tree_util.tree_leaves(updates)
-    sizes = {x.shape[0] if x.ndim else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "updates must be per-example gradients with one shared leading axis (or pass the mean gradient with "
-            f"grad_stats=...); got shapes {[tuple(x.shape) for x in leaves]}"
-        )
-    b = sizes.pop()
-    if b < 2:
-        raise ValueError(f"updates has a per-example batch of size {b}: the sample variance needs at least 2 examples")
-    if is_concrete(max_batch_size) and b > int(max_batch_size):
-        raise ValueError(f"max_batch_size={max_batch_size} is below the per-example batch size {b} of updates")
 
 
 def _make_test(
@@ -265,27 +191,28 @@ def _make_test(
     """The transformation of one test; the public factories validate their constants and call this."""
     check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
     hp = dict(max_batch_size=max_batch_size, granularity=granularity, test_interval=test_interval, **constants)
-    needs_sq_sum = test == "coordinate_norm"
-    needs_inner = test in ("inner_product", "orthogonality", "augmented_inner_product")
+    needs = GradStatsNeeds(
+        sq_sum=test == "coordinate_norm",
+        inner_sq_sum=test in ("inner_product", "orthogonality", "augmented_inner_product"),
+    )
 
     def init_fn(params: Any) -> BatchSizeTestState:
         del params
         zero = jnp.zeros((), jnp.float32)
         return BatchSizeTestState(
             count=jnp.zeros((), jnp.int32),
-            batch_size=jnp.asarray(init_batch_size, jnp.int32),
+            next_batch_size=jnp.asarray(init_batch_size, jnp.int32),
             statistic=zero,
             trace_cov=zero,
             mean_sq_norm=zero,
             threshold=jnp.zeros((2,) if test == "augmented_inner_product" else (), jnp.float32),
             nonfinite_count=jnp.zeros((), jnp.int32),
+            grad_stats_needs=needs,
         )
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = read_statistics(
-            updates, grad_stats, max_batch_size, sq_sum=needs_sq_sum, inner_sq_sum=needs_inner
-        )
+        updates, stats = read_statistics(updates, grad_stats, max_batch_size, needs=needs)
         return updates, decide(test, stats, state, **hp)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -302,7 +229,7 @@ _COMMON_DOC = """      max_batch_size: the cap :math:`B_{\\max}` (default 50 000
       An ``optax.GradientTransformationExtraArgs``. Its ``update`` takes per-example gradients on the leading
       axis of ``updates`` (returning their mean), or the mean gradient plus the extra argument
       ``grad_stats`` (:class:`~adabatch.GradStats`, returning ``updates`` unchanged). The state is a
-      :class:`BatchSizeTestState`; read the decision with :func:`adabatch.batch_size`.
+      :class:`BatchSizeTestState`; read the decision with :func:`adabatch.next_batch_size`.
 
 """
 
@@ -340,7 +267,7 @@ def norm_test(
       >>> tx = adabatch.norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
       >>> per_example = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
-      >>> int(adabatch.batch_size(state))
+      >>> int(adabatch.next_batch_size(state))
       26
 
     References:
@@ -378,7 +305,7 @@ def inner_product_test(
       >>> import adabatch
       >>> tx = adabatch.inner_product_test(theta=0.25, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
-      >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
+      >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       6
     """
     check_positive("theta", theta)
@@ -410,7 +337,7 @@ def orthogonality_test(
       >>> import adabatch
       >>> tx = adabatch.orthogonality_test(nu=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
-      >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
+      >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
     """
     check_positive("nu", nu)
@@ -442,7 +369,7 @@ def augmented_inner_product_test(
       >>> import adabatch
       >>> tx = adabatch.augmented_inner_product_test(theta=0.25, nu=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
-      >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
+      >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
     """
     check_positive("theta", theta)
@@ -490,7 +417,7 @@ def coordinate_norm_test(
       >>> import adabatch
       >>> tx = adabatch.coordinate_norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
-      >>> int(adabatch.batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
+      >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       27
     """
     check_positive("eta", eta)
@@ -499,60 +426,3 @@ def coordinate_norm_test(
     check_positive("guard", guard, allow_zero=True)
     shared = (max_batch_size, init_batch_size, granularity, test_interval)
     return _make_test("coordinate_norm", *shared, eta=eta, aggregation=aggregation, quantile=quantile, guard=guard)
-
-
-def batch_size(opt_state: Any) -> jax.Array:
-    """The batch-size decision (int32 scalar) of the first batch-size rule found in any nesting of states.
-
-    Looks through tuples, lists, dicts and named tuples (``optax.chain``, ``optax.inject_hyperparams``,
-    ``optax.MultiSteps`` and ``nnx.Optimizer`` states included) for a state with a ``batch_size`` field,
-    depth-first in chain order.
-
-    Example:
-      >>> import optax, jax.numpy as jnp
-      >>> import adabatch
-      >>> tx = optax.chain(adabatch.norm_test(init_batch_size=32, max_batch_size=64), optax.sgd(0.1))
-      >>> int(adabatch.batch_size(tx.init(jnp.zeros(3))))
-      32
-    """
-    found = find_state(opt_state, has_batch_size)
-    if found is None:
-        raise ValueError("opt_state holds no batch-size rule state (no field named 'batch_size')")
-    return _unwrap(found.batch_size)
-
-
-def has_batch_size(node: Any) -> bool:
-    """Whether ``node`` is the state of a batch-size rule: a named tuple with a ``batch_size`` field."""
-    return hasattr(node, "_fields") and "batch_size" in node._fields
-
-
-def _unwrap(value: Any) -> jax.Array:
-    """The array inside a variable wrapper (an ``nnx.Optimizer`` keeps its state in ``OptArray`` variables)."""
-    return value if isinstance(value, jax.Array) or not hasattr(value, "value") else value.value
-
-
-def find_state(opt_state: Any, match: Any) -> Any:
-    """The first node of any nesting of states (depth-first, in chain order) for which ``match(node)`` holds, else
-    None. Looks through tuples, lists, dicts, named tuples and objects' attributes (``nnx.Optimizer``)."""
-    return _find(opt_state, match, set())
-
-
-def _find(node: Any, match: Any, seen: set[int]) -> Any:
-    if id(node) in seen:
-        return None
-    seen.add(id(node))
-    if match(node):
-        return node
-    if isinstance(node, dict):
-        children = list(node.values())
-    elif isinstance(node, (tuple, list)):
-        children = list(node)
-    elif hasattr(node, "__dict__") and not isinstance(node, jax.Array):
-        children = list(vars(node).values())
-    else:
-        return None
-    for child in children:
-        found = _find(child, match, seen)
-        if found is not None:
-            return found
-    return None

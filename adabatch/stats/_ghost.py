@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adabatch._validation import accumulation_dtype
-from adabatch.stats import GradStats
+from adabatch.stats._batch import example_loss
+from adabatch.stats._grad_stats import GradStats
 
 __all__ = [
     "GhostPlan",
@@ -72,6 +73,7 @@ __all__ = [
     "ghost_report",
     "layer",
     "plan_ghost",
+    "register_backend_provider",
     "register_capture_backend",
 ]
 
@@ -80,18 +82,27 @@ KINDS = ("dense", "conv", "embed", "layerwise")
 # product itself) when they are at most this many times its per-example activations, else uses the Gram form.
 DIRECT_FACTOR = 4
 _BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
+_PROVIDERS: dict[str, str] = {}  # framework module -> module that registers its backend when imported
 _LOCAL = threading.local()
 
 
 def register_capture_backend(name: str, factory: Callable[[], contextlib.AbstractContextManager]) -> None:
     """Register a context-manager factory that, while active, routes a framework's layer calls to :func:`capture`
-    (``adabatch.flax.ghost`` registers ``"flax.linen"`` this way)."""
+    (``adabatch.flax`` registers ``"flax.linen"`` this way)."""
     _BACKENDS[name] = factory
 
 
+def register_backend_provider(framework: str, provider: str) -> None:
+    """Import module ``provider`` (which calls :func:`register_capture_backend`) the first time statistics are
+    computed after module ``framework`` was imported by the user's code. The statistics layer never imports a
+    framework itself; the package root wires ``"flax.linen"`` to ``adabatch.flax`` this way."""
+    _PROVIDERS[framework] = provider
+
+
 def _load_backends() -> None:
-    if "flax.linen" in sys.modules:  # never import flax ourselves: only when the user's model already did
-        importlib.import_module("adabatch.flax.ghost")
+    for framework, provider in _PROVIDERS.items():
+        if framework in sys.modules:  # only when the user's model already imported the framework
+            importlib.import_module(provider)
 
 
 @dataclasses.dataclass
@@ -377,10 +388,8 @@ def ghost_report(loss_fn: Callable, params: Any, batch: Any) -> dict[str, str]:
       >>> ghost.ghost_report(loss_fn, {"w": jnp.ones((3, 2)), "v": jnp.ones(2)}, jnp.ones((4, 3)))
       {"['v']": 'vmap', "['w']": 'ghost'}
     """
-    from adabatch.per_example import _example_loss  # per_example imports this module
-
     example = jax.tree_util.tree_map(lambda x: x[0], batch)
-    return plan_ghost(_example_loss(loss_fn), params, example).report()
+    return plan_ghost(example_loss(loss_fn), params, example).report()
 
 
 # ----------------------------------------------------------------------------------------------------------------

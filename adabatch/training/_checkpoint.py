@@ -1,4 +1,4 @@
-"""Checkpoint and resume a :class:`~adabatch.train.TrainState` with orbax-checkpoint.
+"""Checkpoint and resume a :class:`~adabatch.training.TrainState` with orbax-checkpoint.
 
 A checkpoint holds the whole state (parameters, optimizer state with the batch-size decision and the rule's
 statistics, step, samples seen = the data stream's offset, skipped-update count, PRNG key) plus a small JSON
@@ -22,7 +22,7 @@ import numpy as np
 try:
     import orbax.checkpoint as ocp
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("adabatch.checkpoint needs orbax-checkpoint: pip install 'adabatch[cli]'") from exc
+    raise ImportError("adabatch.training.Checkpointer needs orbax-checkpoint: pip install 'adabatch[cli]'") from exc
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -51,8 +51,8 @@ class Checkpointer:
 
     Example:
       >>> import tempfile, jax.numpy as jnp, optax
-      >>> from adabatch.checkpoint import Checkpointer
-      >>> from adabatch.train import init_train_state
+      >>> from adabatch.training import Checkpointer
+      >>> from adabatch.training import init_train_state
       >>> state = init_train_state({"w": jnp.ones(2)}, optax.sgd(0.1))
       >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
       ...     _ = ckpt.save(3, state, metadata={"seed": 0})

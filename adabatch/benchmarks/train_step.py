@@ -1,4 +1,4 @@
-"""Time per sample of ``adabatch.train.make_train_step`` against hand-written jitted loops, in one run.
+"""Time per sample of ``adabatch.make_train_step`` against hand-written jitted loops, in one run.
 
 Same model (the digits CNN of ``adabatch.flax.models``), same optimizer (norm test + AdaGrad-Norm), same fixed
 batch, same device-resident data:
@@ -11,7 +11,7 @@ batch, same device-resident data:
   (what the per-example statistics cost at all).
 
 Variants are timed in interleaved rounds (so a change of machine load hits them alike); the median round is
-reported. Usage: ``python benchmarks/train_step.py [--batch 256] [--steps 20] [--rounds 7] [--markdown]``.
+reported. Usage: ``adabatch bench train-step [--batch 256] [--steps 20] [--rounds 7] [--markdown]``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import numpy as np
 import optax
 
 from adabatch import rules
-from adabatch.adagrad import adagrad_norm
 from adabatch.flax.models import CNN, classification_loss
+from adabatch.optimizers import adagrad_norm
 from adabatch.stats import GradStats
-from adabatch.train import init_train_state, make_train_step
+from adabatch.training import init_train_state, make_train_step
 
 
 def build(batch: int, micro: int):
@@ -96,14 +96,32 @@ def build(batch: int, micro: int):
     }
 
 
-def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``adabatch bench train-step`` (also ``python -m adabatch.benchmarks.train_step``)."""
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--micro", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return measure(parser.parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args`` (the ``adabatch bench train-step`` entry point)."""
+    measure(args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Time the variants; print and return the median time per sample of each."""
+    for name in ("batch", "micro", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be a positive integer, got {getattr(args, name)}")
     variants = build(args.batch, args.micro)
     for run in variants.values():  # compile and warm up
         jax.block_until_ready(run(2))

@@ -4,7 +4,7 @@ r"""AdAdaGrad and AdAdaGrad-Norm: an adaptive batch-size test and the AdaGrad up
 ``adadagrad`` is ``optax.chain(<test>, adagrad(...))`` with the coordinate-wise norm test by default (the
 paper's coordinate-wise variant for coordinate-wise AdaGrad). The test comes first, so the chain accepts
 per-example gradients on the leading axis of ``updates`` (or the mean gradient plus ``grad_stats=``), and the
-AdaGrad step sees the mean gradient. The decision is read with :func:`adabatch.batch_size`.
+AdaGrad step sees the mean gradient. The decision is read with :func:`adabatch.next_batch_size`.
 
 References:
   Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods", 2024,
@@ -17,7 +17,7 @@ import optax
 
 from adabatch import rules
 from adabatch._validation import check_choice
-from adabatch.adagrad import adagrad, adagrad_norm
+from adabatch.optimizers._adagrad import adagrad, adagrad_norm
 
 __all__ = ["adadagrad", "adadagrad_norm"]
 
@@ -85,7 +85,7 @@ def adadagrad_norm(
       >>> tx = adabatch.adadagrad_norm(0.5, eta=0.5, max_batch_size=256, granularity=8)
       >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 0.1}
       >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
-      >>> updates["w"].shape, int(adabatch.batch_size(state)) % 8
+      >>> updates["w"].shape, int(adabatch.next_batch_size(state)) % 8
       ((3,), 0)
     """
     return optax.chain(_rule(locals()), adagrad_norm(learning_rate, initial_accumulator_value, eps, per=per))
@@ -130,7 +130,7 @@ def adadagrad(
       >>> tx = adabatch.adadagrad(0.1, eta=0.5, max_batch_size=256)
       >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 1.0}
       >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
-      >>> updates["w"].shape, int(adabatch.batch_size(state)) >= 16
+      >>> updates["w"].shape, int(adabatch.next_batch_size(state)) >= 16
       ((3,), True)
     """
     return optax.chain(_rule(locals()), adagrad(learning_rate, initial_accumulator_value, eps))

@@ -1,4 +1,5 @@
-"""The ``adabatch`` command line: one sub-command per module in :mod:`adabatch.commands`.
+"""The ``adabatch`` command line: one sub-command per private module of this package
+(``_demo``, ``_train``, ``_experiment``, ``_bench``).
 
 Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (called with the
 parsed namespace, returning an exit code). Modules are imported only when the command line is built, so the
@@ -25,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"adabatch.commands.{name}")
+            module = importlib.import_module(f"adabatch.cli._{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"adabatch.commands.{name}":
+            if exc.name != f"adabatch.cli._{name}":
                 raise
             continue
         module.register(subparsers)

@@ -32,8 +32,7 @@ def build_tx(rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size
     import optax
 
     from adabatch import rules
-    from adabatch.adabelief import adabelief
-    from adabatch.adagrad import adagrad, adagrad_norm
+    from adabatch.optimizers import adabelief, adagrad, adagrad_norm
 
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid choices: {', '.join(RULES)}")
@@ -104,7 +103,7 @@ def run_config(
     import jax.numpy as jnp
 
     from adabatch.flax.models import classification_loss
-    from adabatch.train import fit, init_train_state, make_train_step
+    from adabatch.training import fit, init_train_state, make_train_step
 
     params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
     accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, data.x_test), -1) == data.y_test))
@@ -123,7 +122,7 @@ def run_config(
         init_train_state(params, tx, seed=seed),
         (data.x_train, data.y_train),
         num_steps=steps,
-        batch_size=batch_size,
+        init_batch_size=batch_size,
         seed=seed,
         callback=evaluate,
         checkpoint_dir=checkpoint_dir,

@@ -53,9 +53,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adabatch._chunks import split_batch
 from adabatch._validation import accumulation_dtype, check_positive_int
-from adabatch.stats import GradStats, _tree_sq_norm, _unbiased
+from adabatch.stats._chunks import split_batch
+from adabatch.stats._grad_stats import GradStats, _tree_sq_norm, _unbiased
 
 __all__ = ["DEFAULT_MICROBATCHES", "device_grad_stats", "from_group_means", "microbatch_grad_stats"]
 
@@ -108,7 +108,7 @@ def from_group_means(means: Any, counts: jax.Array, *, sq_sum: bool = False, inn
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adabatch.microbatch import from_group_means
+      >>> from adabatch.stats import from_group_means
       >>> from adabatch.stats import trace_covariance
       >>> s = from_group_means({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, jnp.array([4, 4]))
       >>> int(s.count), s.mean["w"].tolist(), float(trace_covariance(s))  # 4 * (2² + 2²)/2 / (2 − 1)
@@ -168,7 +168,7 @@ def device_grad_stats(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from adabatch.microbatch import device_grad_stats
+      >>> from adabatch.stats import device_grad_stats
       >>> from adabatch.stats import trace_covariance
       >>> local = {"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}  # two "devices", 4 examples each
       >>> stats = jax.vmap(lambda g: device_grad_stats(g, 4, "data"), axis_name="data")(local)
@@ -222,7 +222,7 @@ def microbatch_grad_stats(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adabatch.microbatch import microbatch_grad_stats
+      >>> from adabatch.stats import microbatch_grad_stats
       >>> loss = lambda w, x: x @ w  # per-example gradient = x_i
       >>> x = jnp.array([[1.0], [3.0], [2.0], [6.0]])
       >>> stats, _ = microbatch_grad_stats(loss, jnp.zeros(1), x, 2)

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``adabatch`` command line (see :mod:`adabatch.cli`)."""

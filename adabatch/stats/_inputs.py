@@ -1,0 +1,118 @@
+r"""How a transformation receives statistics: the two entry points and the declaration of what it reads.
+
+A transformation that reads per-example statistics (a batch-size rule, a noise-scale tracker, AdaScale) accepts
+either per-example gradients on the leading axis of ``updates``, or the mean gradient as ``updates`` plus a
+:class:`~adabatch.stats.GradStats` as the ``grad_stats=`` extra argument. :func:`read_statistics` turns both into
+``(mean updates, GradStats)`` and checks that the statistics fit.
+
+The optional fields of :class:`~adabatch.stats.GradStats` (:math:`\sum_i g_i\odot g_i` and
+:math:`\sum_i\langle g_i,\bar g\rangle^2`) cost extra, so such a transformation **declares** which ones it reads: its
+state has a field ``grad_stats_needs`` holding a :class:`GradStatsNeeds`. That value is *static* (a pytree node
+with no leaves), so it survives ``jax.jit``, ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+sharding and checkpoints unchanged, and :func:`declared_needs` reads the union of every declaration in any
+nesting of states with ``optax.tree_utils.tree_get_all_with_path``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adabatch._validation import check_floating_tree, is_concrete
+from adabatch.stats._grad_stats import GradStats, from_per_example
+
+__all__ = ["NEEDS_FIELD", "GradStatsNeeds", "declared_needs", "read_statistics"]
+
+NEEDS_FIELD = "grad_stats_needs"  # the state field that holds a transformation's declaration
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class GradStatsNeeds:
+    """The optional :class:`~adabatch.stats.GradStats` fields a transformation reads (static: no array leaves).
+
+    Example:
+      >>> from adabatch.stats import GradStatsNeeds
+      >>> GradStatsNeeds(sq_sum=True) | GradStatsNeeds(inner_sq_sum=True)
+      GradStatsNeeds(sq_sum=True, inner_sq_sum=True)
+    """
+
+    sq_sum: bool = False  # Σ_i g_i ⊙ g_i (coordinate-wise test, Adam-preconditioned noise scale, Eve)
+    inner_sq_sum: bool = False  # Σ_i ⟨g_i, ḡ⟩² (inner-product, orthogonality and augmented tests)
+
+    def __or__(self, other: GradStatsNeeds) -> GradStatsNeeds:
+        return GradStatsNeeds(self.sq_sum or other.sq_sum, self.inner_sq_sum or other.inner_sq_sum)
+
+
+def declared_needs(opt_state: Any) -> GradStatsNeeds:
+    """The union of the :class:`GradStatsNeeds` declared anywhere in ``opt_state`` (concrete or traced).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import adabatch
+      >>> from adabatch.stats import declared_needs
+      >>> tx = optax.chain(adabatch.coordinate_norm_test(), optax.sgd(0.1))
+      >>> declared_needs(tx.init(jnp.zeros(3)))
+      GradStatsNeeds(sq_sum=True, inner_sq_sum=False)
+    """
+    needs = GradStatsNeeds()
+    for _, found in optax.tree_utils.tree_get_all_with_path(opt_state, NEEDS_FIELD):
+        if isinstance(found, GradStatsNeeds):
+            needs = needs | found
+    return needs
+
+
+def read_statistics(
+    updates: Any, grad_stats: Any, max_batch_size: Any, *, needs: GradStatsNeeds = GradStatsNeeds()
+) -> tuple[Any, GradStats]:
+    """The two entry points of a statistics-reading transformation: ``(mean updates, GradStats)`` from
+    per-example ``updates`` (leading axis), or from ``updates`` (the mean) and ``grad_stats``, checking that the
+    statistics fit the updates and hold the optional fields in ``needs``."""
+    check_floating_tree("updates", updates)
+    if grad_stats is None:
+        _per_example_size(updates, max_batch_size)
+        stats = from_per_example(updates, sq_sum=needs.sq_sum, inner_sq_sum=needs.inner_sq_sum)
+        return jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates), stats
+    check_grad_stats(grad_stats, updates, needs=needs)
+    return updates, grad_stats
+
+
+def check_grad_stats(grad_stats: Any, updates: Any, *, needs: GradStatsNeeds = GradStatsNeeds()) -> None:
+    """Raise a ``ValueError`` unless ``grad_stats`` is a :class:`GradStats` shaped like ``updates`` with the
+    optional fields in ``needs``."""
+    if not isinstance(grad_stats, GradStats):
+        raise ValueError(f"grad_stats must be an adabatch.GradStats, got {type(grad_stats).__name__}")
+    ours, theirs = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(grad_stats.mean)
+    if ours != theirs:
+        raise ValueError(f"grad_stats.mean must have the tree of the updates; got {theirs}, expected {ours}")
+    for u, m in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(grad_stats.mean), strict=True):
+        if jnp.shape(u) != jnp.shape(m):
+            raise ValueError(f"grad_stats.mean leaf of shape {jnp.shape(m)} does not match update shape {jnp.shape(u)}")
+    check_floating_tree("grad_stats.mean", grad_stats.mean)
+    if not jnp.issubdtype(jnp.result_type(grad_stats.sq_norm_sum), jnp.floating):
+        raise ValueError(f"grad_stats.sq_norm_sum must be floating, got {jnp.result_type(grad_stats.sq_norm_sum)}")
+    if needs.sq_sum and grad_stats.sq_sum is None:
+        raise ValueError("grad_stats.sq_sum is None; this rule needs it (compute with grad_stats(..., sq_sum=True))")
+    if needs.inner_sq_sum and grad_stats.inner_sq_sum is None:
+        raise ValueError(
+            "grad_stats.inner_sq_sum is None; this rule needs it (compute with grad_stats(..., inner_sq_sum=True))"
+        )
+
+
+def _per_example_size(updates: Any, max_batch_size: Any) -> None:
+    leaves = jax.tree_util.tree_leaves(updates)
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "updates must be per-example gradients with one shared leading axis (or pass the mean gradient with "
+            f"grad_stats=...); got shapes {[tuple(x.shape) for x in leaves]}"
+        )
+    b = sizes.pop()
+    if b < 2:
+        raise ValueError(f"updates has a per-example batch of size {b}: the sample variance needs at least 2 examples")
+    if is_concrete(max_batch_size) and b > int(max_batch_size):
+        raise ValueError(f"max_batch_size={max_batch_size} is below the per-example batch size {b} of updates")

@@ -1,0 +1,34 @@
+"""Ghost statistics for plain JAX models: layer tags and capture backends.
+
+Write a layer with :func:`dense`, :func:`conv`, :func:`embed` or :func:`layer` and
+``grad_stats(..., method="ghost")`` computes its parameters' per-example statistics without materialising
+per-example gradients (the maths is in :func:`adabatch.grad_stats`'s documentation and ``docs/grad_stats.md``).
+Flax linen layers are captured automatically; other frameworks register a backend with
+:func:`register_capture_backend`.
+"""
+
+from adabatch.stats._ghost import (
+    GhostPlan,
+    capture,
+    conv,
+    dense,
+    embed,
+    ghost_report,
+    layer,
+    plan_ghost,
+    register_backend_provider,
+    register_capture_backend,
+)
+
+__all__ = [
+    "GhostPlan",
+    "capture",
+    "conv",
+    "dense",
+    "embed",
+    "ghost_report",
+    "layer",
+    "plan_ghost",
+    "register_backend_provider",
+    "register_capture_backend",
+]
