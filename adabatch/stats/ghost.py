@@ -7,28 +7,5 @@ Flax linen layers are captured automatically; other frameworks register a backen
 :func:`register_capture_backend`.
 """
 
-from adabatch.stats._ghost import (
-    GhostPlan,
-    capture,
-    conv,
-    dense,
-    embed,
-    ghost_report,
-    layer,
-    plan_ghost,
-    register_backend_provider,
-    register_capture_backend,
-)
-
-__all__ = [
-    "GhostPlan",
-    "capture",
-    "conv",
-    "dense",
-    "embed",
-    "ghost_report",
-    "layer",
-    "plan_ghost",
-    "register_backend_provider",
-    "register_capture_backend",
-]
+from adabatch.stats._ghost import *  # noqa: F403  (the public names of the ghost engine)
+from adabatch.stats._ghost import __all__  # noqa: F401
