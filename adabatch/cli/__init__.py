@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from adabatch.cli._args import CommandError, Parser
+
 __all__ = ["build_parser", "main"]
 
 COMMAND_MODULES = ("demo", "train", "experiment", "bench")
@@ -20,7 +22,7 @@ COMMAND_MODULES = ("demo", "train", "experiment", "bench")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="adabatch", description="Adaptive batch sizes and learning rates from gradient noise (JAX + Optax)."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:  # flags that cannot run together: one line naming them, nothing written
+        print(f"adabatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+from adabatch.cli._args import at_least, check, output_dir, positive_float
 from adabatch.cli._train import build_tx, run_config, write_plots
 
 __all__ = ["reached", "register"]
@@ -73,9 +74,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.quick:
         args.steps, args.eval_every = min(args.steps, 8), min(args.eval_every, 4)
         args.max_batch_size, args.large_batch_size = min(args.max_batch_size, 32), min(args.large_batch_size, 32)
-    if args.steps < 2:
-        print("adabatch demo: error: --steps must be at least 2")
-        return 2
+    check(
+        2 <= args.batch_size <= args.max_batch_size,
+        f"--batch-size {args.batch_size} must be at least 2 (the adaptive run's rule estimates a variance) and at "
+        f"most --max-batch-size {args.max_batch_size}",
+    )
     out = args.out or os.path.join("runs", args.name)
     os.makedirs(out, exist_ok=True)
     data = load_digits(seed=args.seed)
@@ -88,7 +91,14 @@ def _main(args: argparse.Namespace) -> int:
             args.steps,
         ),
         "adaptive": (
-            build_tx("norm", "adagrad_norm", lr=args.lr, eta=args.eta, max_batch_size=args.max_batch_size),
+            build_tx(
+                "norm",
+                "adagrad_norm",
+                lr=args.lr,
+                eta=args.eta,
+                max_batch_size=args.max_batch_size,
+                init_batch_size=args.batch_size,
+            ),
             args.batch_size,
             half,
         ),
@@ -145,16 +155,16 @@ def register(subparsers: Any) -> None:
         help="adaptive batch size (AdAdaGrad-Norm) vs fixed small and large batches on digits",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--name", default="demo", help="write runs/<name>/ (default: demo)")
-    parser.add_argument("--out", default=None, help="output directory (overrides --name)")
-    parser.add_argument("--steps", type=int, default=400, help="steps of the small-batch run (the others: half)")
-    parser.add_argument("--batch-size", type=int, default=16, help="small batch, and the adaptive run's first")
-    parser.add_argument("--max-batch-size", type=int, default=48, help="the rule's cap")
-    parser.add_argument("--large-batch-size", type=int, default=256, help="the large fixed batch")
-    parser.add_argument("--eta", type=float, default=0.8, help="the norm test's η")
-    parser.add_argument("--lr", type=float, default=0.3, help="AdaGrad-Norm learning rate (all runs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=5, help="evaluate the test accuracy every N steps")
+    parser.add_argument("--name", default="demo", help="write runs/<name>/")
+    parser.add_argument("--out", type=output_dir, default=None, help="output directory (overrides --name)")
+    parser.add_argument("--steps", type=at_least(2), default=400, help="steps of the small-batch run (others: half)")
+    parser.add_argument("--batch-size", type=at_least(2), default=16, help="small batch, and the adaptive run's first")
+    parser.add_argument("--max-batch-size", type=at_least(2), default=48, help="the rule's cap")
+    parser.add_argument("--large-batch-size", type=at_least(1), default=256, help="the large fixed batch")
+    parser.add_argument("--eta", type=positive_float, default=0.8, help="the norm test's η")
+    parser.add_argument("--lr", type=positive_float, default=0.3, help="AdaGrad-Norm learning rate (all runs)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the initialisation and data order")
+    parser.add_argument("--eval-every", type=at_least(1), default=5, help="evaluate the test accuracy every N steps")
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny MLP (smoke test)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)

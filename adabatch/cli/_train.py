@@ -13,10 +13,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from adabatch.cli._args import at_least, check, choice, output_dir, positive_float
 
 __all__ = ["OPTIMIZERS", "RULES", "build_tx", "params_sha256", "register", "run_config", "write_plots"]
 
@@ -24,10 +25,13 @@ RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "c
 OPTIMIZERS = ("adagrad_norm", "adagrad", "adabelief", "sgd", "adam")
 
 
-def build_tx(rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size: int) -> Any:
+def build_tx(
+    rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size: int, init_batch_size: int = 16
+) -> Any:
     """``optax.chain(<rule>, <optimizer>)`` (just the optimizer for ``rule="none"``).
 
-    ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests.
+    ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests; the rule starts at
+    ``init_batch_size`` and never exceeds ``max_batch_size``.
     """
     import optax
 
@@ -47,7 +51,7 @@ def build_tx(rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size
     }[optimizer](lr)
     if rule == "none":
         return opt
-    cap = {"max_batch_size": max_batch_size}
+    cap = {"max_batch_size": max_batch_size, "init_batch_size": init_batch_size}
     test = {
         "norm": lambda: rules.norm_test(eta, **cap),
         "inner_product": lambda: rules.inner_product_test(eta, **cap),
@@ -182,11 +186,15 @@ def _main(args: argparse.Namespace) -> int:
     from adabatch.datasets import load_digits
     from adabatch.flax.models import CNN, MLP
 
-    try:
-        tx = build_tx(args.rule, args.optimizer, lr=args.lr, eta=args.eta, max_batch_size=args.max_batch_size)
-    except ValueError as exc:
-        print(f"adabatch train: error: {exc}", file=sys.stderr)
-        return 2
+    _check_flags(args)
+    tx = build_tx(
+        args.rule,
+        args.optimizer,
+        lr=args.lr,
+        eta=args.eta,
+        max_batch_size=args.max_batch_size,
+        init_batch_size=args.batch_size,
+    )
     os.makedirs(args.out, exist_ok=True)
     name = f"{args.rule}+{args.optimizer}"
     with open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") as metrics_file:
@@ -215,6 +223,9 @@ def _main(args: argparse.Namespace) -> int:
                 "adabatch train: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr
             )
             return 130
+    if args.resume:  # the summary and the plots cover the whole run, as metrics.jsonl does
+        history = _whole_run(os.path.join(args.out, "metrics.jsonl"), name)
+        summary["batch_sizes"] = [h["batch_size"] for h in history]
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({name: summary}, f, indent=2)
@@ -228,13 +239,43 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choice(valid: tuple[str, ...], what: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value not in valid:
-            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; valid choices: {', '.join(valid)}")
-        return value
+def _check_flags(args: argparse.Namespace) -> None:
+    """The checks that involve several flags (each flag alone is checked by its argparse type)."""
+    if args.rule != "none":
+        check(
+            args.batch_size >= 2,
+            f"--batch-size {args.batch_size}: a batch-size rule needs at least 2 examples to estimate a variance",
+        )
+        check(
+            args.batch_size <= args.max_batch_size,
+            f"--batch-size {args.batch_size} is above --max-batch-size {args.max_batch_size}",
+        )
+    check(not args.resume or args.checkpoint_dir is not None, "--resume needs --checkpoint-dir")
+    if args.resume:
+        latest = _latest_checkpoint(args.checkpoint_dir)
+        check(latest is not None, f"--resume: no checkpoint found in --checkpoint-dir {args.checkpoint_dir}")
+        check(
+            latest < args.steps,
+            f"--steps {args.steps} is not past the checkpoint's step {latest} (--resume continues to --steps)",
+        )
 
-    return parse
+
+def _whole_run(path: str, name: str) -> list[dict]:
+    """The records of run ``name`` in ``metrics.jsonl``, one per step (a step re-run after a resume: the last)."""
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("run") == name:
+                by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _latest_checkpoint(directory: str) -> int | None:
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    return max(steps) if steps else None
 
 
 def register(subparsers: Any) -> None:
@@ -244,25 +285,25 @@ def register(subparsers: Any) -> None:
         help="train the digits CNN with one rule/optimizer configuration",
         description="Train adabatch.flax.models.CNN on scikit-learn's digits with one configuration.",
     )
-    parser.add_argument("--rule", type=_choice(RULES, "rule"), default="norm", help=f"one of {', '.join(RULES)}")
+    parser.add_argument("--rule", type=choice(RULES, "rule"), default="norm", help=f"one of {', '.join(RULES)}")
     parser.add_argument(
         "--optimizer",
-        type=_choice(OPTIMIZERS, "optimizer"),
+        type=choice(OPTIMIZERS, "optimizer"),
         default="adagrad_norm",
         help=f"one of {', '.join(OPTIMIZERS)}",
     )
     parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="the CNN, or a small MLP")
-    parser.add_argument("--eta", type=float, default=0.8, help="the rule's constant (η, or θ/ν)")
-    parser.add_argument("--lr", type=float, default=0.3, help="learning rate")
-    parser.add_argument("--batch-size", type=int, default=16, help="first (and smallest) batch size")
-    parser.add_argument("--max-batch-size", type=int, default=48, help="the rule's cap")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="physical micro-batch (default: none)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps in total")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=10, help="evaluate the test accuracy every N steps")
-    parser.add_argument("--out", default=os.path.join("runs", "train"), help="output directory")
+    parser.add_argument("--eta", type=positive_float, default=0.8, help="the rule's constant (η, or θ/ν)")
+    parser.add_argument("--lr", type=positive_float, default=0.3, help="learning rate")
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="first (and smallest) batch size")
+    parser.add_argument("--max-batch-size", type=at_least(1), default=48, help="the rule's cap")
+    parser.add_argument("--micro-batch-size", type=at_least(1), default=None, help="physical micro-batch")
+    parser.add_argument("--steps", type=at_least(1), default=200, help="optimizer steps in total")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the initialisation and data order")
+    parser.add_argument("--eval-every", type=at_least(1), default=10, help="evaluate the test accuracy every N steps")
+    parser.add_argument("--out", type=output_dir, default=os.path.join("runs", "train"), help="output directory")
     parser.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (orbax)")
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint interval in steps")
+    parser.add_argument("--checkpoint-every", type=at_least(1), default=50, help="checkpoint interval in steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_main)

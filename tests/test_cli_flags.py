@@ -1,0 +1,96 @@
+"""Every flag of ``adabatch train`` and ``adabatch demo`` is honoured or rejected before any work starts: a bad value
+exits with code 2 and one line naming the flag, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adabatch.cli import main
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse reports a bad value by exiting
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+BAD = [
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--steps", "x"], "--steps"),
+    (["train", "--eval-every", "0"], "--eval-every"),
+    (["train", "--eval-every", "-1"], "--eval-every"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--batch-size", "1"], "--batch-size"),
+    (["train", "--batch-size", "64", "--max-batch-size", "32"], "--max-batch-size"),
+    (["train", "--max-batch-size", "0"], "--max-batch-size"),
+    (["train", "--micro-batch-size", "0"], "--micro-batch-size"),
+    (["train", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["train", "--lr", "-0.1"], "--lr"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--eta", "0"], "--eta"),
+    (["train", "--seed", "-3"], "--seed"),
+    (["train", "--resume"], "--checkpoint-dir"),
+    (["demo", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--eval-every", "0"], "--eval-every"),
+    (["demo", "--steps", "1"], "--steps"),
+    (["demo", "--max-batch-size", "8"], "--max-batch-size"),
+    (["demo", "--large-batch-size", "0"], "--large-batch-size"),
+    (["demo", "--lr", "0"], "--lr"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flags_are_rejected_in_one_line_naming_the_flag(argv, flag, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, err = run([*argv, "--out", str(out), "--quiet"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in err, err
+    assert not out.exists()  # rejected before any work
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_out_naming_an_existing_file_is_rejected(command, capsys, tmp_path):
+    existing = tmp_path / "file.txt"
+    existing.write_text("keep me")
+    code, err = run([command, "--out", str(existing)], capsys)
+    assert code == 2 and "--out" in err and existing.read_text() == "keep me"
+
+
+def test_resume_with_steps_not_past_the_checkpoint_is_refused(capsys, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    argv = ["train", "--quiet", "--model", "mlp", "--checkpoint-dir", str(ckpt), "--out", str(out)]
+    assert main([*argv, "--steps", "2", "--eval-every", "2"]) == 0
+    before = (out / "summary.json").read_text()
+    code, err = run([*argv, "--steps", "2", "--resume"], capsys)
+    assert code == 2 and "--steps 2" in err and "step 2" in err
+    assert (out / "summary.json").read_text() == before  # nothing overwritten
+
+
+def test_batch_size_flag_is_honoured_by_the_rule(tmp_path):
+    out = tmp_path / "out"
+    argv = ["train", "--quiet", "--model", "mlp", "--steps", "1", "--batch-size", "4", "--max-batch-size", "8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (summary,) = json.loads((out / "summary.json").read_text()).values()
+    assert summary["batch_sizes"] == [4] and summary["config"]["batch_size"] == 4
+
+
+def test_resumed_summary_covers_the_whole_run(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    argv = ["train", "--quiet", "--model", "mlp", "--rule", "none", "--batch-size", "8", "--eval-every", "1"]
+    argv += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out", str(out)]
+    assert main([*argv, "--steps", "2"]) == 0
+    assert main([*argv, "--steps", "3", "--resume"]) == 0
+    (summary,) = json.loads((out / "summary.json").read_text()).values()
+    assert summary["steps"] == 3 and summary["batch_sizes"] == [8, 8, 8]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: 200)" in capsys.readouterr().out
