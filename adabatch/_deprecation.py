@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,7 @@ def deprecated_getattr(module: str, renamed: dict[str, tuple[str, str]]) -> Call
     return __getattr__
 
 
-class RenamedModules:
+class RenamedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """A ``sys.meta_path`` finder serving the module paths of the previous release (``adabatch.train``, ...): each
     old path imports as a module whose attributes come from its new home(s), with a ``DeprecationWarning``."""
 

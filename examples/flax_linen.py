@@ -2,7 +2,7 @@
 
 Run: ``python examples/flax_linen.py`` (a few seconds; ``--steps`` to change the length).
 
-The same model also trains with ``adabatch.train.make_train_step`` + ``fit`` (micro-batches, checkpoints,
+The same model also trains with ``adabatch.training.make_train_step`` + ``fit`` (micro-batches, checkpoints,
 sharding); this example shows the lower-level path for code that already has a linen train loop.
 """
 

@@ -2,8 +2,9 @@
 
 Run: ``python examples/flax_nnx.py`` (a few seconds; ``--steps`` to change the length).
 
-The model is trained on scikit-learn's digits. Each step pads the batch to a bucket size (``adabatch.data``) with a
-mask, so the jitted update compiles once per bucket, not once per batch size.
+The model is trained on scikit-learn's digits. Each step pads the batch to a bucket size
+(``adabatch.training.bucket_size``) with a mask, so the jitted update compiles once per bucket, not once per batch
+size.
 """
 
 from __future__ import annotations

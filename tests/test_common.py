@@ -1,6 +1,15 @@
-"""The common suite, run over every public transformation (registry-driven, design.md §6)."""
+"""The common suite, run over every public transformation (registry-driven, design.md §6).
+
+The registry holds every public factory that returns an ``optax.GradientTransformation`` (checked against the
+public names by :func:`test_registry_covers_every_public_transformation`), each with the arguments of one instance and
+the inputs its ``update`` needs: per-example gradients on the leading axis, or the mean gradient plus the
+``grad_stats=`` extra argument, and/or the ``batch_size=`` extra argument.
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -9,46 +18,118 @@ import optax
 import pytest
 
 import adabatch
+import adabatch.flax
+from adabatch import optimizers, rules, scaling, stats, training
 
 
 class Entry:
-    def __init__(self, factory, kwargs, per_example=False, step=None):
-        """``step``: for a transformation that does not descend by itself (a ``scale_by_*`` or a rule), the
-        learning rate of the ``optax.scale(-step)`` chained after it in the convergence test."""
-        self.factory, self.kwargs, self.per_example, self.step = factory, kwargs, per_example, step
+    def __init__(self, factory, kwargs, stats=None, batch_size=False, step=None, static_args=()):
+        """``stats``: how ``update`` reads per-example statistics: None (it does not), ``"per_example"``
+        (per-example gradients as ``updates``) or ``"grad_stats"`` (the mean as ``updates`` and
+        ``grad_stats=``). ``batch_size``: ``update`` needs the ``batch_size=`` extra argument. ``step``: for a
+        transformation that does not descend by itself (a ``scale_by_*``, a rule, a scaling law), the learning rate of
+        the ``optax.scale(-step)`` chained after it in the convergence test. ``static_args``: the non-numeric
+        arguments ``optax.inject_hyperparams`` must leave alone."""
+        self.factory, self.kwargs, self.stats, self.batch_size = factory, kwargs, stats, batch_size
+        self.step, self.static_args = step, static_args
 
     def make(self):
         return self.factory(**self.kwargs)
 
 
 RULE_KW = dict(max_batch_size=1024, init_batch_size=8)
+PE, GS = "per_example", "grad_stats"
+SCHEDULE = optax.linear_schedule(1.0, 0.5, transition_steps=10_000)  # in examples seen
 REGISTRY = {
-    "norm_test": Entry(adabatch.norm_test, dict(eta=0.5, **RULE_KW), per_example=True, step=0.05),
-    "inner_product_test": Entry(adabatch.inner_product_test, dict(theta=0.5, **RULE_KW), per_example=True, step=0.05),
-    "orthogonality_test": Entry(adabatch.orthogonality_test, dict(nu=0.5, **RULE_KW), per_example=True, step=0.05),
+    # rules (adabatch.rules)
+    "norm_test": Entry(rules.norm_test, dict(eta=0.5, **RULE_KW), stats=PE, step=0.05),
+    "inner_product_test": Entry(rules.inner_product_test, dict(theta=0.5, **RULE_KW), stats=PE, step=0.05),
+    "orthogonality_test": Entry(rules.orthogonality_test, dict(nu=0.5, **RULE_KW), stats=PE, step=0.05),
     "augmented_inner_product_test": Entry(
-        adabatch.augmented_inner_product_test, dict(theta=0.5, nu=0.5, **RULE_KW), per_example=True, step=0.05
+        rules.augmented_inner_product_test, dict(theta=0.5, nu=0.5, **RULE_KW), stats=PE, step=0.05
     ),
-    "coordinate_norm_test": Entry(adabatch.coordinate_norm_test, dict(eta=0.5, **RULE_KW), per_example=True, step=0.05),
-    "scale_by_adagrad": Entry(adabatch.scale_by_adagrad, dict(), step=0.5),
-    "scale_by_adagrad_norm": Entry(adabatch.scale_by_adagrad_norm, dict(), step=0.5),
-    "scale_by_belief": Entry(adabatch.scale_by_belief, dict(), step=0.05),
-    "adagrad": Entry(adabatch.adagrad, dict(learning_rate=0.5)),
-    "adagrad_norm": Entry(adabatch.adagrad_norm, dict(learning_rate=0.5)),
-    "adabelief": Entry(adabatch.adabelief, dict(learning_rate=0.05)),
-    "adadagrad": Entry(adabatch.adadagrad, dict(learning_rate=0.5, eta=0.5, **RULE_KW), per_example=True),
-    "adadagrad_norm": Entry(adabatch.adadagrad_norm, dict(learning_rate=0.5, eta=0.5, **RULE_KW), per_example=True),
+    "coordinate_norm_test": Entry(rules.coordinate_norm_test, dict(eta=0.5, **RULE_KW), stats=PE, step=0.05),
+    "noise_scale_rule": Entry(rules.noise_scale_rule, dict(decay=0.9, **RULE_KW), stats=GS, step=0.05),
+    # statistics (adabatch.stats)
+    "noise_scale": Entry(stats.noise_scale, dict(decay=0.9), stats=GS, step=0.05),
+    # optimizers (adabatch.optimizers)
+    "scale_by_adagrad": Entry(optimizers.scale_by_adagrad, dict(), step=0.5),
+    "scale_by_adagrad_norm": Entry(optimizers.scale_by_adagrad_norm, dict(), step=0.5),
+    "scale_by_belief": Entry(optimizers.scale_by_belief, dict(), step=0.05),
+    "adagrad": Entry(optimizers.adagrad, dict(learning_rate=0.5)),
+    "adagrad_norm": Entry(optimizers.adagrad_norm, dict(learning_rate=0.5)),
+    "adabelief": Entry(optimizers.adabelief, dict(learning_rate=0.05)),
+    "adadagrad": Entry(optimizers.adadagrad, dict(learning_rate=0.5, eta=0.5, **RULE_KW), stats=PE),
+    "adadagrad_norm": Entry(optimizers.adadagrad_norm, dict(learning_rate=0.5, eta=0.5, **RULE_KW), stats=PE),
+    "scale_by_eve": Entry(optimizers.scale_by_eve, dict(), stats=GS, step=0.05),
+    "eve": Entry(optimizers.eve, dict(learning_rate=0.05), stats=GS),
+    "evew": Entry(optimizers.evew, dict(learning_rate=0.05), stats=GS),
+    "scale_by_tom": Entry(optimizers.scale_by_tom, dict(), step=0.05),
+    "tom": Entry(optimizers.tom, dict(learning_rate=0.05)),
+    "scale_by_maxva": Entry(optimizers.scale_by_maxva, dict(), step=0.05),
+    "maxva": Entry(optimizers.maxva, dict(learning_rate=0.05)),
+    "scale_by_adalomo": Entry(optimizers.scale_by_adalomo, dict(), step=0.05),
+    "adalomo": Entry(optimizers.adalomo, dict(learning_rate=0.05)),
+    "active_lr": Entry(optimizers.active_lr, dict(inner=optax.sgd(0.05), period=4), static_args=("inner",)),
+    "active_adam": Entry(optimizers.active_adam, dict(learning_rate=0.05, period=4)),
+    "active_adabelief": Entry(optimizers.active_adabelief, dict(learning_rate=0.05, period=4)),
+    # learning rate as a function of batch size (adabatch.scaling)
+    "scale_by_batch_size_linear": Entry(
+        scaling.scale_by_batch_size, dict(rule="linear", base_batch_size=8), batch_size=True, step=0.05
+    ),
+    "scale_by_batch_size_sqrt": Entry(
+        scaling.scale_by_batch_size, dict(rule="sqrt", base_batch_size=8), batch_size=True, step=0.05
+    ),
+    "scale_by_batch_size_surge": Entry(  # B_noise estimated online from grad_stats
+        scaling.scale_by_batch_size, dict(rule="surge", base_batch_size=8), stats=GS, batch_size=True, step=0.05
+    ),
+    "adascale": Entry(scaling.adascale, dict(base_batch_size=8), stats=GS, step=0.05),
+    "scale_by_sample_schedule": Entry(
+        scaling.scale_by_sample_schedule,
+        dict(schedule=SCHEDULE),
+        batch_size=True,
+        step=0.05,
+        static_args=("schedule",),
+    ),
 }
-NAMES = sorted(REGISTRY)
+NAMES = [pytest.param(n, marks=pytest.mark.xdist_group(f"common-{n}")) for n in sorted(REGISTRY)]
 B = 8
+SUBPACKAGES = (adabatch, stats, rules, optimizers, scaling, training, adabatch.flax)
 
 
-def _params(dtype=jnp.float32):
-    return {"w": jnp.full((3, 2), 0.5, dtype), "b": jnp.full((2,), -0.5, dtype)}
+def _is_transformation_factory(fn):
+    """A public function whose annotated return type is an optax transformation, or (unannotated, no required
+    argument) whose call with its defaults returns one."""
+    annotation = inspect.signature(fn).return_annotation
+    if annotation is not inspect.Signature.empty:
+        return "GradientTransformation" in str(annotation)
+    required = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    return not required and isinstance(fn(), optax.GradientTransformation)
 
 
-def _gradients(entry, params, seed=0):
-    """Per-example gradients of a least-squares loss (leading axis B), or their mean."""
+def test_registry_covers_every_public_transformation():
+    """A new public transformation cannot be forgotten: every one of adabatch.__all__ and of the subpackages'
+    __all__ is in the registry, and the registry holds public factories only."""
+    public = {}
+    for module in SUBPACKAGES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) and _is_transformation_factory(obj):
+                public.setdefault(obj, f"{module.__name__}.{name}")
+    registered = {entry.factory for entry in REGISTRY.values()}
+    missing = sorted(name for fn, name in public.items() if fn not in registered)
+    assert not missing, f"add these public transformations to tests/test_common.py REGISTRY: {missing}"
+    assert registered <= set(public), sorted(fn.__name__ for fn in registered - set(public))
+    for module in (stats, rules, optimizers, scaling):  # spot check that the enumeration works at all
+        assert any(fn.__module__.startswith(module.__name__) for fn in public)
+
+
+def _per_example(params, seed=0):
+    """Per-example gradients of a least-squares loss (leading axis B), in the dtype of the params."""
     key = jax.random.key(seed)
     x = jax.random.normal(key, (B, 3))
     y = jax.random.normal(jax.random.fold_in(key, 1), (B, 2))
@@ -57,42 +138,98 @@ def _gradients(entry, params, seed=0):
         return 0.5 * jnp.sum((xi @ p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32) - yi) ** 2)
 
     g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
-    g = jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), g, params)
-    return g if entry.per_example else jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), g)
+    return jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), g, params)
+
+
+def _inputs(entry, per_example, via=None):
+    """``(updates, extra_args)`` of ``entry.update`` from per-example gradients: per-example ``updates`` or their
+    mean, plus ``grad_stats=`` and/or ``batch_size=`` as the entry needs (``via`` overrides ``entry.stats``)."""
+    via = via or entry.stats
+    extra = {"batch_size": jnp.int32(B)} if entry.batch_size else {}
+    if via == PE:
+        return per_example, extra
+    mean = jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), per_example)
+    if via == GS:
+        extra["grad_stats"] = stats.from_per_example(per_example, sq_sum=True, inner_sq_sum=True)
+    return mean, extra
+
+
+def _gradients(entry, params, seed=0, via=None):
+    return _inputs(entry, _per_example(params, seed), via)
+
+
+def _params(dtype=jnp.float32):
+    return {"w": jnp.full((3, 2), 0.5, dtype), "b": jnp.full((2,), -0.5, dtype)}
 
 
 def _float_leaves(tree):
     return [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
 
 
+def _dtypes(tree):
+    return jax.tree_util.tree_structure(tree), [jnp.result_type(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+@functools.cache
+def _jitted(name):
+    """One instance of the registry entry, its jitted ``update`` and the list of its traces, shared by the tests of
+    one worker (one compilation per input dtype instead of one per test)."""
+    tx, traces = REGISTRY[name].make(), []
+
+    def update(updates, state, params, **extra):
+        traces.append(1)
+        return tx.update(updates, state, params, **extra)
+
+    return tx, jax.jit(update), traces
+
+
+def _placed_init(tx, params):
+    """The initial state put on the first device with an explicit sharding (as a sharded checkpoint restores it)."""
+    state = jax.device_put(tx.init(params), SHARDING)
+    assert all(x.sharding == SHARDING for x in jax.tree_util.tree_leaves(state))
+    return state
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_jit_and_finite_state(name):
+def test_jit_and_finite_state_placed_with_a_sharding(name):
+    """Three updates under ``jit`` from a state put on a device with an explicit sharding (``jax.device_put``, as
+    a sharded checkpoint restores it): the state stays finite and keeps its sharding."""
     entry = REGISTRY[name]
-    tx, params = entry.make(), _params()
-    state = tx.init(params)
-    update = jax.jit(tx.update)
+    (tx, update, _), params = _jitted(name), _params()
+    state = _placed_init(tx, params)
     for seed in range(3):
-        updates, state = update(_gradients(entry, params, seed), state, params)
+        updates, extra = _gradients(entry, params, seed)
+        updates, state = update(updates, state, params, **extra)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in _float_leaves(state) + _float_leaves(updates))
+    assert all(x.sharding == SHARDING for x in jax.tree_util.tree_leaves(state))
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtype_kept(name, dtype):
+    """The updates have the params' dtype, and the state's leaf dtypes do not drift over three jitted updates."""
     entry = REGISTRY[name]
-    tx, params = entry.make(), _params(dtype)
-    updates, _ = tx.update(_gradients(entry, params), tx.init(params), params)
-    for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
-        assert u.dtype == dtype and u.shape == p.shape
+    (tx, update, _), params = _jitted(name), _params(dtype)
+    state = initial = _placed_init(tx, params)
+    for seed in range(3):
+        updates, extra = _gradients(entry, params, seed)
+        updates, state = update(updates, state, params, **extra)
+        for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
+            assert u.dtype == dtype and u.shape == p.shape
+        assert _dtypes(state) == _dtypes(initial)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_extra_arguments_accepted(name):
     entry = REGISTRY[name]
-    tx, params = entry.make(), _params()
+    (tx, update, _), params = _jitted(name), _params()
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    expected, _ = tx.update(_gradients(entry, params), tx.init(params), params)
-    actual, _ = tx.update(_gradients(entry, params), tx.init(params), params, some_unknown=1.0, value=jnp.ones(()))
+    updates, extra = _gradients(entry, params)
+    expected, _ = update(updates, _placed_init(tx, params), params, **extra)
+    actual, _ = update(updates, _placed_init(tx, params), params, some_unknown=1.0, value=jnp.ones(()), **extra)
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_array_equal(a, e)
 
@@ -100,41 +237,57 @@ def test_unknown_extra_arguments_accepted(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_no_recompilation_on_second_call(name):
     entry = REGISTRY[name]
-    tx, params = entry.make(), _params()
-    traces = []
-
-    @jax.jit
-    def update(g, s, p):
-        traces.append(1)
-        return tx.update(g, s, p)
-
-    state = tx.init(params)
+    (tx, update, traces), params = _jitted(name), _params()
+    state = _placed_init(tx, params)
     for seed in range(3):
-        _, state = update(_gradients(entry, params, seed), state, params)
-    assert len(traces) == 1
+        grads, extra = _gradients(entry, params, seed)
+        _, state = update(grads, state, params, **extra)
+        if seed == 0:
+            after_first = len(traces)
+    assert len(traces) == after_first
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inside_chain_and_inject_hyperparams(name):
     entry = REGISTRY[name]
     params = _params()
-    grads = _gradients(entry, params)
-    plain = entry.make()
-    expected, _ = plain.update(grads, plain.init(params), params)
-    chained = optax.chain(plain, optax.scale(2.0)) if entry.per_example else optax.chain(optax.identity(), plain)
-    actual, _ = chained.update(grads, chained.init(params), params)
-    factor = 2.0 if entry.per_example else 1.0
+    grads, extra = _gradients(entry, params)
+    plain, update, _ = _jitted(name)
+    expected, plain_state = update(grads, _placed_init(plain, params), params, **extra)
+    per_example = entry.stats == PE  # the mean comes out: only a transformation after it sees the same updates
+    chained = optax.chain(plain, optax.scale(2.0)) if per_example else optax.chain(optax.identity(), plain)
+    actual, _ = jax.jit(chained.update)(grads, chained.init(params), params, **extra)
+    factor = 2.0 if per_example else 1.0
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, factor * e, rtol=1e-6)
-    injected = optax.inject_hyperparams(entry.factory)(**entry.kwargs)
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**entry.kwargs)
     state = injected.init(params)
-    actual, state = jax.jit(injected.update)(grads, state, params)
+    actual, state = jax.jit(injected.update)(grads, state, params, **extra)
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
-    if entry.per_example:
-        assert int(adabatch.next_batch_size(state)) == int(
-            adabatch.next_batch_size(plain.update(grads, plain.init(params))[1])
-        )
+    if rules.has_decision(plain_state):
+        assert int(rules.next_batch_size(state)) == int(rules.next_batch_size(plain_state))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_multi_steps(name):
+    """Gradient accumulation with ``optax.MultiSteps`` (k = 2): zero updates while accumulating, the inner
+    transformation's update every second step, a finite state. Statistics come as ``grad_stats=`` (the
+    accumulator has the shape of the params)."""
+    entry = REGISTRY[name]
+    tx, params = optax.MultiSteps(entry.make(), every_k_schedule=2), _params()
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for seed in range(4):
+        updates, extra = _gradients(entry, params, seed, via=GS if entry.stats else None)
+        updates, state = update(updates, state, params, **extra)
+        leaves = jax.tree_util.tree_leaves(updates)
+        if seed % 2 == 0:
+            assert all(not np.any(np.asarray(u)) for u in leaves), "updates while accumulating"
+        else:
+            assert any(np.any(np.asarray(u)) for u in leaves), "no update at the end of the accumulation"
+    assert int(state.gradient_step) == 2
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in _float_leaves(state))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,8 +307,8 @@ def test_converges_on_a_small_problem(name):
     @jax.jit
     def step(p, s, idx):
         per_example = jax.vmap(jax.grad(lambda q, i: losses(q, i[None])[0]), in_axes=(None, 0))(p, idx)
-        g = per_example if entry.per_example else jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), per_example)
-        u, s = tx.update(g, s, p)
+        g, extra = _inputs(entry, per_example)
+        u, s = tx.update(g, s, p, **extra)
         return optax.apply_updates(p, u), s
 
     start = float(jnp.mean(losses(params, jnp.arange(64))))

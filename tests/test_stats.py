@@ -127,8 +127,12 @@ def _linear_problem(rng, b, dtype=np.float32):
         x, y = batch
         return 0.5 * jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, axis=-1)
 
-    def brute_force(p):  # one jax.grad per example, no vmap
-        rows = [jax.grad(lambda q, i=i: loss_fn(q, (batch[0][i : i + 1], batch[1][i : i + 1]))[0])(p) for i in range(b)]
+    # one jax.grad per example, no vmap (compiled once: the rows are passed as arguments, not sliced eagerly)
+    grad_one = jax.jit(jax.grad(lambda q, xi, yi: loss_fn(q, (xi[None], yi[None]))[0]))
+
+    def brute_force(p):
+        x, y = np.asarray(batch[0]), np.asarray(batch[1])
+        rows = [grad_one(p, x[i], y[i]) for i in range(b)]
         return {k: np.stack([np.asarray(r[k], np.float64) for r in rows]) for k in p}
 
     return params, batch, loss_fn, brute_force

@@ -20,12 +20,13 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from adabatch.datasets import load_digits, load_text
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
@@ -56,6 +57,8 @@ TORCH_METHODS = ("torch.func", "BackPACK", "Opacus", "Opacus-ghost")
 def make_problem(name: str, batch_size: int, quick: bool) -> dict[str, Any]:
     """The model, per-example loss, parameters and one batch of real data for ``name`` in mlp, cnn, lm."""
     rng = np.random.default_rng(0)
+    model: nn.Module
+    size: dict[str, Any]
     if name == "mlp":
         data = load_digits()
         x = np.asarray(jax.image.resize(data.x_train, (len(data.x_train), 28, 28, 1), "bilinear"))
@@ -101,7 +104,7 @@ def jax_functions(problem: dict) -> dict[str, Callable]:
 # Measurement
 
 
-def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, float]:
+def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (one call of each per round, after a
     warm-up call each), so that load changes on a shared machine hit every method alike. At least two rounds;
     at most ``repeats``, fewer once ``budget_s`` is spent."""
@@ -123,7 +126,8 @@ def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: fl
 
 def measure_jax(fns: dict[str, Callable], args: tuple, repeats: int, budget_s: float, skip: set) -> dict[str, dict]:
     """Memory (every method) and time (methods not in ``skip``) of the jit-compiled ``fns`` on ``args``."""
-    out, calls = {}, {}
+    out: dict[str, dict] = {}
+    calls: dict[str, Callable[..., Any]] = {}  # each called with no arguments
     for name, fn in fns.items():
         compiled = jax.jit(fn).lower(*args).compile()
         analysis = compiled.memory_analysis()

@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ def build(batch: int, micro: int):
 
         losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))(params, x, y)
         mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        q = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+        q = cast(jax.Array, sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))  # a sum of arrays
         stats = GradStats(count=jnp.asarray(x.shape[0], jnp.int32), mean=mean, sq_norm_sum=q)
         updates, opt_state = tx.update(mean, opt_state, params, grad_stats=stats)
         return optax.apply_updates(params, updates), opt_state, jnp.mean(losses)

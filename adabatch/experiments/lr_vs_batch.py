@@ -19,7 +19,7 @@ together in one compiled, ``vmap``-ed ``lax.scan``. Then
   for optimizers that keep a second moment ``nu``).
 
 Optimizers (each with learning rate 1, so the step is :math:`\eta` times the transformation's output): ``sgd``
-(``optax.sgd``, no momentum), ``adam`` (``optax.adam``), ``adabelief`` (:func:`adabatch.adabelief.adabelief` with
+(``optax.sgd``, no momentum), ``adam`` (``optax.adam``), ``adabelief`` (:func:`adabatch.optimizers.adabelief` with
 the official defaults) and ``sign`` (sign descent :math:`\theta\leftarrow\theta-\eta\,\operatorname{sign}\bar g`:
 ``optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(1.0))``, i.e. Adam with
 :math:`\beta_1=\beta_2=\epsilon=0`, the optimizer of Li et al.'s analysis).
@@ -35,7 +35,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,11 @@ import numpy as np
 import optax
 
 from adabatch import stats as st
+from adabatch.optimizers import ScaleByBeliefState
 from adabatch.stats import grad_stats
+
+if TYPE_CHECKING:
+    from flax import linen as nn
 
 __all__ = [
     "DATASETS",
@@ -136,7 +140,8 @@ def _problem(data: str, grid: Grid) -> _Problem:
 
     if data == "digits":
         split = load_digits()
-        model, make_loss = MLP(features=(grid.width,)), classification_loss
+        model: nn.Module = MLP(features=(grid.width,))
+        make_loss = classification_loss
     else:
         split = load_text(seq_len=32)
         model = TransformerLM(d_model=grid.width, num_heads=2, num_layers=1, max_len=32)
@@ -287,7 +292,12 @@ def fit_law(law: str, batch_sizes: Any, lrs: Any) -> dict[str, Any]:
     start = [float(np.max(y)), float(log_b[np.argmax(y)] if law == "surge" else np.median(log_b))]
     res = least_squares(lambda p: _law_log(law, log_b, *p) - y, start, bounds=([-50, -20], [50, 40]))
     rss = float(np.sum(res.fun**2))
-    out = {"max_learning_rate": float(np.exp(res.x[0])), "noise_scale": float(np.exp(res.x[1])), "rss": rss, "n": n}
+    out: dict[str, Any] = {
+        "max_learning_rate": float(np.exp(res.x[0])),
+        "noise_scale": float(np.exp(res.x[1])),
+        "rss": rss,
+        "n": n,
+    }
     out["max_learning_rate_ci"] = out["noise_scale_ci"] = None
     if n > 2:
         jac = res.jac
@@ -349,8 +359,11 @@ def _measured_b_simple(problem: _Problem, params, opt_state, *, preconditioned: 
     """B_simple on the evaluation set from exact per-example gradients (and Adam-preconditioned, with the optimizer's
     own second moment, when asked and available). When the evaluation set is the whole training set (the population
     batches are drawn from) its mean is the true gradient and its covariance divides by n; otherwise the unbiased
-    estimators of :mod:`adabatch.noise_scale` are used."""
-    stats = grad_stats(problem.loss_fn, params, problem.eval_batch, chunk_size=128, sq_sum=preconditioned)
+    estimators of :mod:`adabatch.stats` are used."""
+    # without return_losses/return_report, grad_stats returns the GradStats alone
+    stats = cast(
+        st.GradStats, grad_stats(problem.loss_fn, params, problem.eval_batch, chunk_size=128, sq_sum=preconditioned)
+    )
 
     def b_simple(s):
         if population:
@@ -362,7 +375,7 @@ def _measured_b_simple(problem: _Problem, params, opt_state, *, preconditioned: 
     out = {"b_simple": value, "clamped": clamped}
     nu_state = next((s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_has_nu) if _has_nu(s)), None)
     if preconditioned and nu_state is not None:
-        eps = 1e-16 if type(nu_state).__name__ == "AdaBeliefState" else 1e-8
+        eps = 1e-16 if isinstance(nu_state, ScaleByBeliefState) else 1e-8  # AdaBelief's default ε
         inverse = st.adam_preconditioner(nu_state.nu, nu_state.count, b2=0.999, eps=eps)
         out["b_simple_preconditioned"], out["clamped_preconditioned"] = b_simple(st.precondition(stats, inverse))
     return out
@@ -437,7 +450,10 @@ def _verdict(fits: dict, noise: dict) -> list[str]:
             continue
         lo, hi = fit["noise_scale_ci"]
         parts = []
-        for name, (a, b) in (("B_simple", noise["range"]), ("preconditioned", noise.get("range_preconditioned"))):
+        for name, (a, b) in (
+            ("B_simple", noise["range"]),
+            ("preconditioned", noise.get("range_preconditioned", (None, None))),
+        ):
             if a is not None:
                 parts.append(
                     f"measured {name} {a:.3g}..{b:.3g} ({'overlaps' if lo <= b and a <= hi else 'no overlap'})"

@@ -3,17 +3,17 @@
 While a ghost capture is active, ``flax.linen.intercept_methods`` routes the ``__call__`` of these linen layers to
 :func:`adabatch.ghost.capture`:
 
-========================  =============  =========================================================================
-linen module              ghost kind     conditions (otherwise the layer's parameters fall back to vmap)
-========================  =============  =========================================================================
-``Dense``                 dense          —
-``DenseGeneral``          dense          ``batch_dims == ()``
-``Conv``                  conv           ``feature_group_count == 1``, no ``mask``, padding not CIRCULAR /
-                                         REFLECT / CAUSAL
-``Embed``                 embed          ``__call__`` only (a table also used by ``attend`` falls back)
-``LayerNorm``, ``RMSNorm``,  layerwise   called on the input alone (no ``mask``)
+=============================  ==========  ====================================================================
+linen module                   ghost kind  conditions (otherwise the layer's parameters fall back to vmap)
+=============================  ==========  ====================================================================
+``Dense``                      dense       —
+``DenseGeneral``               dense       ``batch_dims == ()``
+``Conv``                       conv        ``feature_group_count == 1``, no ``mask``, padding not CIRCULAR /
+                                           REFLECT / CAUSAL
+``Embed``                      embed       ``__call__`` only (a table also used by ``attend`` falls back)
+``LayerNorm``, ``RMSNorm``,    layerwise   called on the input alone (no ``mask``)
 ``GroupNorm``, ``Einsum``
-========================  =============  =========================================================================
+=============================  ==========  ====================================================================
 
 Importing this module registers the backend; :mod:`adabatch.ghost` imports it by itself whenever ``flax.linen`` is
 already imported, so users never need to.
@@ -70,7 +70,7 @@ def _describe(module: nn.Module, x: Any) -> tuple[str, tuple] | None:
         padding = canonicalize_padding(module.padding, rank)
         if module.feature_group_count != 1 or module.mask is not None or padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
             return None
-        padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        padding = padding if isinstance(padding, str) else tuple((lo, hi) for lo, hi in padding)
         return "conv", (
             kernel_size,
             _as_tuple(module.strides, rank),

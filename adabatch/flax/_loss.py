@@ -65,11 +65,11 @@ def per_example_loss(
       ((5,), 5)
     """
     if isinstance(model, nnx.Module):
-        graphdef, _, rest = nnx.split(model, wrt, ...)
+        graphdef, _, *rest = nnx.split(model, wrt, ...)  # rest: the one state of the `...` filter
 
         def nnx_loss(params: Any, batch: tuple) -> jax.Array:
             inputs, targets = batch
-            return _per_example(loss(nnx.merge(graphdef, params, rest)(inputs), targets))
+            return _per_example(loss(nnx.merge(graphdef, params, *rest)(inputs), targets))
 
         return nnx_loss
     if not callable(model):

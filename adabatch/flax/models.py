@@ -81,7 +81,7 @@ class TransformerLM(nn.Module):
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
 
 
-def classification_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, tuple], jax.Array]:
+def classification_loss(apply_fn: Callable[..., Any]) -> Callable[[Any, tuple], jax.Array]:
     """``loss_fn(params, (x, y)) -> (b,)`` per-example softmax cross-entropy of ``apply_fn({"params": p}, x)``.
 
     Example:
@@ -102,7 +102,7 @@ def classification_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, tu
     return loss_fn
 
 
-def language_model_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, tuple], jax.Array]:
+def language_model_loss(apply_fn: Callable[..., Any]) -> Callable[[Any, tuple], jax.Array]:
     """``loss_fn(params, (tokens, targets)) -> (b,)``: each sequence's mean next-token cross-entropy."""
 
     def loss_fn(params: Any, batch: tuple) -> jax.Array:

@@ -3,13 +3,16 @@
 What lives here: AdaGrad and AdaGrad-Norm in the paper's form (:func:`adagrad`, :func:`adagrad_norm` and their
 ``scale_by_*`` blocks), AdaBelief with the options of its official implementation (:func:`adabelief`,
 :func:`scale_by_belief`), and the AdAdaGrad combinations of a batch-size test and its optimizer
-(:func:`adadagrad`, :func:`adadagrad_norm`). A ``scale_by_*`` block never flips the sign nor applies the learning
-rate; the alias is ``optax.chain(scale_by_*(...), optax.scale_by_learning_rate(lr))``.
+(:func:`adadagrad`, :func:`adadagrad_norm`). Related methods with their official semantics: Eve
+(:func:`eve`, :func:`evew`, :func:`scale_by_eve`; reads examplewise statistics), Tom (:func:`tom`,
+:func:`scale_by_tom`) and MaxVA (:func:`maxva`, :func:`scale_by_maxva`). A ``scale_by_*`` block never flips the
+sign nor applies the learning rate; the alias is ``optax.chain(scale_by_*(...), optax.scale_by_learning_rate(lr))``.
 
 May import: :mod:`adabatch.rules`, :mod:`adabatch.stats` and the base modules.
 """
 
 from adabatch import _deprecation
+from adabatch.optimizers._active_lr import ActiveLRState, active_adabelief, active_adam, active_lr
 from adabatch.optimizers._adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from adabatch.optimizers._adadagrad import adadagrad, adadagrad_norm
 from adabatch.optimizers._adagrad import (
@@ -20,19 +23,40 @@ from adabatch.optimizers._adagrad import (
     scale_by_adagrad,
     scale_by_adagrad_norm,
 )
+from adabatch.optimizers._adalomo import ScaleByAdalomoState, adalomo, scale_by_adalomo
+from adabatch.optimizers._eve import ScaleByEveState, eve, evew, scale_by_eve
+from adabatch.optimizers._maxva import ScaleByMaxVAState, maxva, scale_by_maxva
+from adabatch.optimizers._tom import ScaleByTomState, scale_by_tom, tom
 
 __all__ = [
+    "ActiveLRState",
     "ScaleByAdagradNormState",
     "ScaleByAdagradState",
+    "ScaleByAdalomoState",
     "ScaleByBeliefState",
+    "ScaleByEveState",
+    "ScaleByMaxVAState",
+    "ScaleByTomState",
+    "active_adabelief",
+    "active_adam",
+    "active_lr",
     "adabelief",
     "adadagrad",
     "adadagrad_norm",
     "adagrad",
     "adagrad_norm",
+    "adalomo",
+    "eve",
+    "evew",
+    "maxva",
     "scale_by_adagrad",
     "scale_by_adagrad_norm",
+    "scale_by_adalomo",
     "scale_by_belief",
+    "scale_by_eve",
+    "scale_by_maxva",
+    "scale_by_tom",
+    "tom",
 ]
 
 __getattr__ = _deprecation.deprecated_getattr(

@@ -23,7 +23,8 @@ __all__ = ["ScaleByBeliefState", "adabelief", "scale_by_belief"]
 class ScaleByBeliefState(NamedTuple):
     """State of :func:`scale_by_belief`."""
 
-    count: jax.Array  # shape (), int32: number of updates taken so far (the step index t of the last update)
+    # count: shape (), int32: number of updates taken so far (the step index t of the last update)
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     mu: optax.Updates  # params-shaped, state dtype: first moment m_t (EMA of gradients)
     nu: optax.Updates  # params-shaped, state dtype: belief s_t (EMA of (g - m)^2, eps added in every step)
     nu_max: optax.Updates  # params-shaped, state dtype: running max of s_t if amsgrad=True; None (no leaves) otherwise
@@ -62,7 +63,7 @@ def _sma_length(t: jax.Array, b2: jax.Array, log_b2: jax.Array, bc2: jax.Array) 
     # Accurate branch, used for x < 0.1 (computed on a clipped x so the unused branch stays finite).
     xs = jnp.minimum(x, 0.1)
     big_l = -jnp.log1p(-xs)
-    series = 1 / 18  # L - x = sum_{k>=2} x^k / k, truncated where x < 0.1 leaves < 1e-17 relative
+    series: float | jax.Array = 1 / 18  # L - x = sum_{k>=2} x^k / k, truncated where x < 0.1 leaves < 1e-17 relative
     for k in range(17, 1, -1):
         series = 1 / k + xs * series
     l_minus_x = xs * xs * series

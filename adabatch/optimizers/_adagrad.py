@@ -11,14 +11,14 @@ With :math:`\bar g_k` the (mini-batch mean) gradient at step :math:`k`, :math:`\
 The current gradient is included in :math:`v_k` before dividing, and :math:`\epsilon` is added **outside** the
 square root, as in ``torch.optim.Adagrad`` (which the AdAdaGrad reference code uses for AdaGrad).
 
-=====================  ===================  =========  ===========================================
-implementation         accumulator          init       denominator
-=====================  ===================  =========  ===========================================
-``adabatch.adagrad``   per coordinate       0          :math:`\sqrt{v}+10^{-10}`
-``adabatch.adagrad_norm``  one scalar (or per leaf)  0.01  :math:`\sqrt{v}+10^{-10}`
-``optax.adagrad``      per coordinate       0.1        :math:`\sqrt{v+10^{-7}}` (ε inside the root)
-reference ``Adagradnorm``  one per output row   0.01   :math:`\sqrt{v}+10^{-10}`
-=====================  ===================  =========  ===========================================
+=========================  ========================  =====  ============================================
+implementation             accumulator               init   denominator
+=========================  ========================  =====  ============================================
+``adabatch.adagrad``       per coordinate            0      :math:`\sqrt{v}+10^{-10}`
+``adabatch.adagrad_norm``  one scalar (or per leaf)  0.01   :math:`\sqrt{v}+10^{-10}`
+``optax.adagrad``          per coordinate            0.1    :math:`\sqrt{v+10^{-7}}` (ε inside the root)
+reference ``Adagradnorm``  one per output row        0.01   :math:`\sqrt{v}+10^{-10}`
+=========================  ========================  =====  ============================================
 
 The reference code's ``Adagradnorm`` (``timlautk/AdAdaGrad``, copied from Ward & Wu's code) is *not* the
 paper's global scalar: it keeps one accumulator per output row of each weight (per output channel of a

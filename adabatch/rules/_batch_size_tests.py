@@ -3,15 +3,15 @@ r"""Adaptive batch-size tests as Optax transformations (AdAdaGrad, Lau, Liu & Ko
 Each rule reads the statistics of the current batch of :math:`b` per-example gradients and decides the size of
 the next batch. With :math:`\widehat{\operatorname{tr}\Sigma}`, :math:`\widehat{\operatorname{Var}}(a)`,
 :math:`V_\perp`, :math:`s_j^2` the sample estimators of :mod:`adabatch.stats`, the *required* batch size of each
-test (the practical versions of ``algorithms.md`` §1.2, on the whole parameter vector) is
+test (the practical tests of Lau, Liu & Kolar 2024, on the whole parameter vector) is
 
-==============================  ===========================================================================
-``norm_test``                   :math:`b^\star = \widehat{\operatorname{tr}\Sigma}/(\eta^2\lVert\bar g\rVert^2)`
-``inner_product_test``          :math:`b^\star = \widehat{\operatorname{Var}}(a)/(\theta^2\lVert\bar g\rVert^4)`
-``orthogonality_test``          :math:`b^\star = V_\perp/(\nu^2\lVert\bar g\rVert^2)`
+================================  ========================================================================
+``norm_test``                     :math:`b^\star = \widehat{\operatorname{tr}\Sigma}/(\eta^2\lVert\bar g\rVert^2)`
+``inner_product_test``            :math:`b^\star = \widehat{\operatorname{Var}}(a)/(\theta^2\lVert\bar g\rVert^4)`
+``orthogonality_test``            :math:`b^\star = V_\perp/(\nu^2\lVert\bar g\rVert^2)`
 ``augmented_inner_product_test``  :math:`b^\star = \max` of the two above
-``coordinate_norm_test``        :math:`b^\star = \operatorname{agg}_j\, s_j^2/(\eta^2\bar g_j^2)`
-==============================  ===========================================================================
+``coordinate_norm_test``          :math:`b^\star = \operatorname{agg}_j\, s_j^2/(\eta^2\bar g_j^2)`
+================================  ========================================================================
 
 The test passes when :math:`b \ge b^\star`; the next batch size is
 
@@ -69,7 +69,7 @@ AGGREGATIONS = ("max", "mean", "quantile")
 class BatchSizeTestState(NamedTuple):
     """State of every batch-size test (one shared layout, so tooling reads any rule the same way)."""
 
-    count: jax.Array  # int32[]: updates seen (the test runs when count % test_interval == 0)
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count) int32[]: updates seen
     next_batch_size: jax.Array  # int32[]: the decision, size of the next batch
     statistic: jax.Array  # float32[]: b*/b at the last finite test (≤ 1 means it passed)
     trace_cov: jax.Array  # float32[]: trΣ̂ at the last finite test

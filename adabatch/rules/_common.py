@@ -73,4 +73,3 @@ def next_batch_size(opt_state: Any) -> jax.Array:
     if found is None:
         raise ValueError(f"opt_state holds no batch-size rule state (no field named {DECISION_FIELD!r})")
     return unwrap(getattr(found, DECISION_FIELD))
-

@@ -64,8 +64,8 @@ def noise_scale_rule(
 ) -> optax.GradientTransformationExtraArgs:
     r"""A batch-size rule that follows the gradient noise scale: next batch :math:`\approx c\,B_\text{simple}`.
 
-    With :math:`\hat B` the smoothed, clamped :math:`B_\text{simple}` of :func:`noise_scale` and :math:`b_k` the
-    current decision, every ``test_interval`` updates the candidate is
+    With :math:`\hat B` the smoothed, clamped :math:`B_\text{simple}` of :func:`~adabatch.stats.noise_scale` and
+    :math:`b_k` the current decision, every ``test_interval`` updates the candidate is
 
     .. math:: b' = \min\bigl(B_{\max}, \operatorname{roundup}_G(\lceil c\hat B\rceil)\bigr)
         \quad(\text{with }\texttt{monotone}: b' \leftarrow \max(b', b_k, b)),
@@ -86,7 +86,8 @@ def noise_scale_rule(
       {estimator}
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleRuleState`; per-example ``updates``
-      or ``grad_stats=`` as :func:`noise_scale`. Read the decision with :func:`adabatch.next_batch_size`.
+      or ``grad_stats=`` as :func:`~adabatch.stats.noise_scale`. Read the decision with
+      :func:`adabatch.next_batch_size`.
 
     Example:
       >>> import jax.numpy as jnp

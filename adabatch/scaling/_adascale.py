@@ -32,7 +32,7 @@ __all__ = ["ScaleByAdaScaleState", "adascale"]
 class ScaleByAdaScaleState(NamedTuple):
     """State of :func:`adascale` (scalars in float32, float64 for float64 parameters)."""
 
-    count: jax.Array  # int32[]: updates seen
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count) int32[]: updates seen
     gain: jax.Array  # float[]: the gain r_t of the last update (1 before the first)
     progress: jax.Array  # float[]: scale-invariant iterations τ = Σ r_t (float: exact to ~1e-7 relative)
     var_biased: jax.Array  # float[]: EMA accumulator of σ²₁ = trΣ̂ (per-example variance)
@@ -55,7 +55,7 @@ def adascale(
     With :math:`b` = ``grad_stats.count`` examples, scale :math:`S = b/B_0`, per-example estimates
     :math:`\hat\sigma_1^2 = \widehat{\operatorname{tr}\Sigma}` and
     :math:`\hat\mu^2 = \lVert\bar g\rVert^2-\widehat{\operatorname{tr}\Sigma}/b` (both unbiased;
-    :func:`adabatch.noise_scale.estimate_from_stats`), smoothed by bias-corrected EMAs with decay
+    :func:`adabatch.stats.estimate_from_stats`), smoothed by bias-corrected EMAs with decay
     :math:`\theta_t = \text{smoothing}^{S}` (Pollux's per-base-batch decay; the current batch is included), and
     clamped when read as in Pollux, :math:`\sigma^2 = \max(\overline{\sigma_1^2}/B_0, \text{min\_variance})` (the
     variance of a base-batch gradient) and :math:`\mu^2 = \max(\overline{\mu^2}, 0)`:

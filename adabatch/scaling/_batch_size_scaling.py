@@ -141,7 +141,7 @@ def scale_by_batch_size(
     :math:`\sqrt{B/B_0}` (``"sqrt"``) or :math:`\epsilon_\text{opt}(B)/\epsilon_\text{opt}(B_0)` (``"surge"``),
     then :math:`\min(\cdot,` ``max_factor`` :math:`)`. For ``"surge"``, :math:`B_\text{noise}` is ``noise_scale``
     when it is a number; otherwise it is estimated online as the smoothed :math:`B_\text{simple}` of a
-    :func:`adabatch.noise_scale.noise_scale` tracker (``noise_scale=None``: the default tracker; or pass one,
+    :func:`adabatch.stats.noise_scale` tracker (``noise_scale=None``: the default tracker; or pass one,
     e.g. ``noise_scale(preconditioner="adam")``), which reads the ``grad_stats`` extra argument. A clamped
     estimate (noise hides the signal) is used as clamped: the upper bound makes the factor the square-root rule,
     the surge curve's small-batch limit.
@@ -196,7 +196,7 @@ def scale_by_batch_size(
             noise = tracker.init(params)
             if not isinstance(noise, st.NoiseScaleState):
                 raise ValueError(
-                    "noise_scale must be a number or a tracker from adabatch.noise_scale.noise_scale(...); "
+                    "noise_scale must be a number or a tracker from adabatch.stats.noise_scale(...); "
                     f"its state is a {type(noise).__name__}"
                 )
         return ScaleByBatchSizeState(
@@ -232,7 +232,7 @@ def scale_by_batch_size(
 class ScaleBySampleScheduleState(NamedTuple):
     """State of :func:`scale_by_sample_schedule`."""
 
-    count: jax.Array  # int32[]: updates seen
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count) int32[]: updates seen
     samples: jax.Array  # float32[]: examples seen before the next update (float: exact up to 2**24, then ~1e-7 rel.)
 
 

@@ -13,7 +13,7 @@ What lives here:
 * how transformations receive statistics: :func:`read_statistics` (per-example ``updates`` or ``grad_stats=``)
   and the declaration :class:`GradStatsNeeds` of the optional fields a transformation reads.
 
-May import: jax, optax, numpy and :mod:`adabatch._validation` / :mod:`adabatch._tree` only (the lowest layer).
+May import: jax, optax, numpy and ``adabatch._validation`` / ``adabatch._tree`` only (the lowest layer).
 """
 
 from adabatch.stats import ghost

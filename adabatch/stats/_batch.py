@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ def leading_size(batch: Any) -> int:
     if len(sizes) != 1 or None in sizes:
         shapes = [tuple(jnp.shape(x)) for x in leaves]
         raise ValueError(f"batch leaves must share one leading batch axis; got shapes {shapes}")
-    return sizes.pop()
+    return cast(int, sizes.pop())  # not None: checked above
 
 
 def example_loss(loss_fn: Callable) -> Callable:

@@ -28,10 +28,11 @@ layer output; the gradient with respect to the perturbation is :math:`\Delta`. P
 at all, except the ones no captured layer covers: their per-example gradients come out of the same ``vmap``
 (``"vmap"`` fallback, :math:`b\times` those parameters only). One forward and one backward pass in all.
 
-Layers are found by *capture backends* while ``loss_fn`` is traced: :mod:`adabatch.flax.ghost` intercepts Flax
-linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Embed``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``Einsum``
-(loaded automatically when flax is imported); in plain JAX write layers with :func:`dense`, :func:`conv`,
-:func:`embed` and :func:`layer`, which compute the layer normally and register it when a capture is active. A
+Layers are found by *capture backends* while ``loss_fn`` is traced: :func:`adabatch.flax.linen_capture`
+intercepts Flax linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Embed``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
+and ``Einsum`` (loaded automatically when flax is imported); in plain JAX write layers with
+:func:`~adabatch.stats.ghost.dense`, :func:`~adabatch.stats.ghost.conv`, :func:`~adabatch.stats.ghost.embed` and
+:func:`~adabatch.stats.ghost.layer`, which compute the layer normally and register it when a capture is active. A
 parameter leaf is attributed to a layer by identity (the array passed in ``params`` reaches the layer unchanged);
 a leaf that is also used outside its captured layers, or by two different layers, falls back to vmap. The report
 (:func:`ghost_report`, or ``grad_stats(..., return_report=True)``) says which path each leaf took.
@@ -255,7 +256,7 @@ def conv(
     """
     rank = kernel.ndim - 2
     ones = (1,) * rank
-    pad = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+    pad = padding if isinstance(padding, str) else tuple((lo, hi) for lo, hi in padding)
     config = (
         tuple(kernel.shape[:rank]),
         tuple(strides or ones),
@@ -475,6 +476,7 @@ def _inner(kind: str, stats: _LeafStats, mean: jax.Array) -> jax.Array:
     if stats.per_example is not None:
         g = stats.per_example
         return jnp.sum(g.reshape(g.shape[0], -1) * mean.reshape(1, -1), 1)
+    assert stats.rows is not None  # set whenever the per-example gradients are not materialised
     a, d = stats.rows
     if kind == "embed":
         return jnp.sum(jnp.take(mean, a, axis=0) * d, (1, 2))
@@ -490,7 +492,7 @@ def _group_stats(
     roles = dict(first.roles)
     if first.kind == "layerwise":
         values = {role: leaves[index] for role, index in roles.items()}
-        total = None
+        total: Any = None  # params-shaped sum over the calls
         for call, x, delta in zip(calls, xs, deltas, strict=True):
 
             def one(xi, di, call=call):
@@ -589,7 +591,9 @@ def ghost_stats(
                 per_leaf[index] = (kind, st)
 
     zeros = jnp.zeros(jnp.shape(weights), dtype)
-    means, s2s, q, a = [], [], jnp.zeros((), dtype), zeros
+    means: list[jax.Array] = []
+    s2s: list[jax.Array | None] = []
+    q, a = jnp.zeros((), dtype), zeros
     for i, leaf in enumerate(leaves):
         if i not in per_leaf:  # unused: zero gradient
             means.append(jnp.zeros(jnp.shape(leaf), dtype))

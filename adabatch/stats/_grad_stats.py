@@ -16,17 +16,18 @@ the *whole* batch and cannot be merged: :func:`merge` drops it (see its docstrin
 Everything is accumulated in float32, or float64 when the gradients are float64, whatever the gradient dtype
 (bf16 gradients are summed in float32).
 
-The estimators are pure functions of a :class:`GradStats` (notation of ``algorithms.md`` §0):
+The estimators are pure functions of a :class:`GradStats` (in the notation of the References below: Lau, Liu &
+Kolar 2024; McCandlish et al. 2018):
 
-==========================  ==========================================================
-:func:`mean_sq_norm`        ‖ḡ‖²
-:func:`trace_covariance`    trΣ̂ = (q − n‖ḡ‖²)/(n−1)
-:func:`unbiased_grad_sq_norm`  ‖∇F‖² estimate = ‖ḡ‖² − trΣ̂/n  (unbiased; may be negative)
-:func:`b_simple`            B_simple = trΣ̂ / (unbiased ‖∇F‖²)
-:func:`coordinate_variance` s²_j = (S2_j − n ḡ_j²)/(n−1)
+==============================  ==========================================================
+:func:`mean_sq_norm`            ‖ḡ‖²
+:func:`trace_covariance`        trΣ̂ = (q − n‖ḡ‖²)/(n−1)
+:func:`unbiased_grad_sq_norm`   ‖∇F‖² estimate = ‖ḡ‖² − trΣ̂/n  (unbiased; may be negative)
+:func:`b_simple`                B_simple = trΣ̂ / (unbiased ‖∇F‖²)
+:func:`coordinate_variance`     s²_j = (S2_j − n ḡ_j²)/(n−1)
 :func:`inner_product_variance`  Var̂(a) = (Σ a_i² − n‖ḡ‖⁴)/(n−1),  a_i = ⟨g_i, ḡ⟩
-:func:`orthogonal_variance` V_⊥ = (q − Σ a_i²/‖ḡ‖²)/(n−1)
-==========================  ==========================================================
+:func:`orthogonal_variance`     V_⊥ = (q − Σ a_i²/‖ḡ‖²)/(n−1)
+==============================  ==========================================================
 
 Variances are undefined for :math:`n < 2`: they are NaN there (never a division by :math:`n-1=0`), and the
 batch-size rules treat a non-finite statistic as "no decision" and flag it. Sample variances that come out
@@ -65,7 +66,7 @@ __all__ = [
 class GradStats(NamedTuple):
     """Sufficient statistics of ``count`` per-example gradients (a pytree; see the module docstring)."""
 
-    count: jax.Array  # int32[]: number of examples n
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count) int32[]: number of examples n
     mean: Any  # params-shaped, float32 (float64 for float64 gradients): ḡ = S1 / n
     sq_norm_sum: jax.Array  # float32[]: q = Σ_i ‖g_i‖² over the whole parameter vector
     sq_sum: Any = None  # params-shaped float32, or None: S2 = Σ_i g_i ⊙ g_i

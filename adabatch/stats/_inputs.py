@@ -16,7 +16,7 @@ nesting of states with ``optax.tree_utils.tree_get_all_with_path``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ def check_grad_stats(grad_stats: Any, updates: Any, *, needs: GradStatsNeeds = G
     if not isinstance(grad_stats, GradStats):
         raise ValueError(f"grad_stats must be an adabatch.GradStats, got {type(grad_stats).__name__}")
     ours, theirs = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(grad_stats.mean)
-    if ours != theirs:
+    if ours != theirs:  # type: ignore[operator]  # jaxlib ships no stub for PyTreeDef (mypy cannot resolve it)
         raise ValueError(f"grad_stats.mean must have the tree of the updates; got {theirs}, expected {ours}")
     for u, m in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(grad_stats.mean), strict=True):
         if jnp.shape(u) != jnp.shape(m):
@@ -111,7 +111,7 @@ def _per_example_size(updates: Any, max_batch_size: Any) -> None:
             "updates must be per-example gradients with one shared leading axis (or pass the mean gradient with "
             f"grad_stats=...); got shapes {[tuple(x.shape) for x in leaves]}"
         )
-    b = sizes.pop()
+    b = cast(int, sizes.pop())  # not None: checked above
     if b < 2:
         raise ValueError(f"updates has a per-example batch of size {b}: the sample variance needs at least 2 examples")
     if is_concrete(max_batch_size) and b > int(max_batch_size):

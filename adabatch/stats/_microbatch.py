@@ -14,7 +14,8 @@ all-reduce), the per-example covariance is still estimable, without bias, from t
 
 with :math:`n=\sum_m n_m` and :math:`k` the number of non-empty groups; with equal groups of :math:`b_g`
 examples, :math:`\widehat{\operatorname{tr}\Sigma}_k = b_g\cdot` (sample variance of the group means), the
-estimator of ``algorithms.md`` §1.4 and of McCandlish et al. (§4.1, :math:`B_\text{small}=b_g`).
+natural estimator for data-parallel devices (cf. Lau, Li, Xu, Liu & Kolar 2024) and the one of McCandlish et al.
+2018 (:math:`B_\text{small}=b_g`).
 
 The result is a :class:`~adabatch.stats.GradStats` whose ``sq_norm_sum`` is the unbiased stand-in
 :math:`\hat q = n\lVert\bar g\rVert^2 + (n-1)\widehat{\operatorname{tr}\Sigma}_k` (:math:`\mathbb E\hat q =

@@ -175,8 +175,8 @@ def clamp_noise_scale(
 
 
 def bias_corrected_ema(
-    biased: jax.Array, normaliser: jax.Array, value: jax.Array, decay: Any, valid: Any = True
-) -> tuple[jax.Array, jax.Array]:
+    biased: Any, normaliser: jax.Array, value: Any, decay: Any, valid: Any = True
+) -> tuple[Any, jax.Array]:
     r"""One step of a bias-corrected exponential moving average; the average is ``biased / normaliser``.
 
     :math:`m_t = \beta_t m_{t-1} + (1-\beta_t)x_t`, :math:`u_t = \beta_t u_{t-1} + (1-\beta_t)` with
@@ -253,7 +253,7 @@ def adam_preconditioner(nu: Any, count: Any, *, b2: Any = 0.999, eps: Any = 1e-8
 class NoiseScaleState(NamedTuple):
     """State of :func:`noise_scale` (scalars are float32, or float64 for float64 parameters)."""
 
-    count: jax.Array  # int32[]: updates seen
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count) int32[]: updates seen
     num_estimates: jax.Array  # int32[]: updates whose statistics were finite (folded into the averages)
     trace_biased: jax.Array  # float[]: EMA accumulator of the trΣ estimates (divide by normaliser)
     grad_sq_biased: jax.Array  # float[]: EMA accumulator of the ‖G‖² estimates (divide by normaliser)
@@ -380,7 +380,7 @@ _ESTIMATOR_DOC = """      decay: EMA decay :math:`\\beta` per update of the smoo
       b2: decay of the Adam second moment (``preconditioner="adam"``).
       eps: Adam's :math:`\\epsilon` (``preconditioner="adam"``).
       precondition_after: use raw gradients until this many estimates have filled :math:`v` (Pollux: 5).
-      min_noise_scale, max_noise_scale: clamping bounds of the estimate (see :func:`clamp_noise_scale`).
+      min_noise_scale, max_noise_scale: clamping bounds of the estimate (see :func:`~adabatch.stats.clamp_noise_scale`).
 """
 
 

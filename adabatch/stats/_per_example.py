@@ -151,8 +151,9 @@ def grad_stats(
     * ``"auto"``: ``"ghost"`` when it covers at least one parameter leaf of the model, else ``"vmap"``: the fastest
       exact method available.
     * ``"microbatch"``: an *estimate* from the mean gradients of ``num_microbatches`` groups
-      (:mod:`adabatch.microbatch`): unbiased for :math:`\operatorname{tr}\Sigma` and :math:`\lVert\nabla F\rVert^2`,
-      with :math:`k-1` instead of :math:`b-1` degrees of freedom; costs :math:`k` small gradient steps.
+      (:func:`~adabatch.stats.microbatch_grad_stats`): unbiased for :math:`\operatorname{tr}\Sigma` and
+      :math:`\lVert\nabla F\rVert^2`, with :math:`k-1` instead of :math:`b-1` degrees of freedom; costs :math:`k`
+      small gradient steps.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses :math:`\ell_i` (not their mean).
@@ -227,7 +228,7 @@ def grad_stats(
             stats, losses = _chunked(
                 chunk_fn, loss_fn, params, batch, mask, b, chunk_size, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
             )
-    out = (stats,)
+    out: tuple[Any, ...] = (stats,)
     if return_losses:
         out += (losses,)
     if return_report:

@@ -124,7 +124,8 @@ class Checkpointer:
         if meta is None:
             raise CheckpointError(f"checkpoint {where} has no metadata record (corrupt or not written by adabatch)")
         expected, got = _describe(like), _describe(state)
-        if jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(like) or expected != got:
+        tree, like_tree = jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(like)
+        if tree != like_tree or expected != got:  # type: ignore[operator]  # jaxlib ships no stub for PyTreeDef
             raise CheckpointError(f"checkpoint {where} does not match the state to restore: {got} != {expected}")
         return state, dict(meta)
 

@@ -23,7 +23,7 @@ gives the permutation, :class:`DataStream` applies it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -111,7 +111,7 @@ class DataStream:
         if len(sizes) != 1 or None in sizes or 0 in sizes:
             shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(self.data)]
             raise ValueError(f"data leaves must share one non-empty leading example axis; got shapes {shapes}")
-        self.num_examples = int(sizes.pop())
+        self.num_examples = int(cast(int, sizes.pop()))  # not None: checked above
         self.seed = int(seed)
         self._cached: tuple[int, np.ndarray] | None = None
 

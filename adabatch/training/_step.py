@@ -3,14 +3,14 @@ together, and a host loop that feeds batches of the decided size without recompi
 
 **The step.** For a batch :math:`\mathcal B` of :math:`b` real examples (the rows of a possibly padded buffer),
 :func:`make_train_step` computes the :class:`~adabatch.stats.GradStats` of the per-example gradients
-:math:`g_i=\nabla\ell_i(\theta)` with :func:`adabatch.grad_stats` (``method=stats``), the mean loss
+:math:`g_i=\nabla\ell_i(\theta)` with :func:`adabatch.grad_stats` (``method=method``), the mean loss
 :math:`\bar\ell = \tfrac1b\sum_i\ell_i` and the mean gradient :math:`\bar g`, then calls
 
 ``tx.update(ḡ, opt_state, params, grad_stats=stats, batch_size=b, value=ℓ̄)``
 
-(the extra-argument names of ``design.md`` §4; ``tx`` is wrapped with ``optax.with_extra_args_support`` so a plain
-transformation ignores them) and applies the update. A batch-size rule anywhere in ``tx`` leaves its decision in
-the optimizer state; the step reports it as ``next_batch_size``.
+(adabatch's extra-argument names, fixed once; ``value`` is optax's name for the loss; ``tx`` is wrapped with
+``optax.with_extra_args_support`` so a plain transformation ignores them) and applies the update. A batch-size
+rule anywhere in ``tx`` leaves its decision in the optimizer state; the step reports it as ``next_batch_size``.
 
 **Growth without recompiling.** The buffer has :math:`P` rows, of which the first :math:`b` (a traced int32) are
 real. With ``micro_batch_size=m`` the buffer is cut into :math:`P/m` micro-batches and a ``lax.fori_loop`` with
@@ -19,9 +19,9 @@ the *traced* trip count :math:`k=\lceil b/m\rceil` accumulates their statistics 
 mean of the whole batch: when the transformation needs it, a second loop over the same micro-batches computes
 :math:`\langle g_i,\bar g\rangle` by one JVP each, :func:`adabatch.inner_products`). The work is therefore
 :math:`\lceil b/m\rceil` micro-batches whatever :math:`P`; the shape only changes when :func:`fit` moves to the next
-padded bucket :math:`P=\text{base}\cdot2^j` (:mod:`adabatch.data`), so a run growing from :math:`b_{\min}` to
-:math:`b_{\max}` compiles at most :math:`\lceil\log_2(b_{\max}/b_{\min})\rceil+1` times. Without
-``micro_batch_size`` the whole buffer is one micro-batch and the padding rows are masked out.
+padded bucket :math:`P=\text{base}\cdot2^j` (:func:`~adabatch.training.bucket_size`), so a run growing from
+:math:`b_{\min}` to :math:`b_{\max}` compiles at most :math:`\lceil\log_2(b_{\max}/b_{\min})\rceil+1` times.
+Without ``micro_batch_size`` the whole buffer is one micro-batch and the padding rows are masked out.
 
 **Which statistics.** ``sq_sum`` (:math:`\sum_i g_i\odot g_i`, the coordinate-wise test) and ``inner_sq_sum``
 (the inner-product tests) cost extra, so they are computed only when ``tx`` needs them. ``None`` (the default)
@@ -139,7 +139,7 @@ class TrainStep:
     """The callable :func:`make_train_step` returns: ``step(state, batch, size=None) -> (state, metrics)``.
 
     ``batch`` has ``P`` rows of which the first ``size`` (default all) are real examples, in the layout of
-    :func:`adabatch.data.physical_order` (the identity without a mesh). ``compilations`` counts how many times the
+    :func:`adabatch.training.physical_order` (the identity without a mesh). ``compilations`` counts how many times the
     step was traced and compiled; ``jitted`` is the underlying ``jax.jit`` function.
     """
 
@@ -271,7 +271,7 @@ def make_train_step(
         if rows % m or m % shards:
             raise ValueError(
                 f"the batch has {rows} rows: it must be a multiple of micro_batch_size={m}, itself a multiple of "
-                f"the {shards} data shards (adabatch.data.bucket_size gives such sizes)"
+                f"the {shards} data shards (adabatch.training.bucket_size gives such sizes)"
             )
         want_sq, want_inner = required_statistics(tx, params, state.opt_state, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
         acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
