@@ -4,7 +4,7 @@ The public names live flat here and, by layer, in the subpackages (lowest first)
 
 * :mod:`adabatch.stats` — :class:`GradStats`, estimators, producers (:func:`grad_stats`), the noise scale;
 * :mod:`adabatch.rules` — the batch-size tests and the noise-scale rule; :func:`next_batch_size`;
-* :mod:`adabatch.optimizers` — AdaGrad, AdaGrad-Norm, AdaBelief, AdAdaGrad;
+* :mod:`adabatch.optimizers` — AdaGrad, AdaGrad-Norm, AdaBelief, AdAdaGrad, Eve, Tom, MaxVA, ActiveLR, AdaLomo;
 * :mod:`adabatch.curvature` — Hessian / Gauss-Newton vector products, Lanczos, SLQ spectra (:class:`Spectrum`);
 * :mod:`adabatch.scaling` — learning rate as a function of batch size, AdaScale;
 * :mod:`adabatch.training` — the jitted step, the host loop, data order, checkpoints;

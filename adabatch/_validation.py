@@ -27,7 +27,8 @@ def _as_float(name: str, value: Any) -> float | None:
         arr = np.asarray(value)
     except Exception as exc:  # pragma: no cover - exotic inputs
         raise ValueError(f"{name} must be a real number, got {value!r}") from exc
-    if arr.shape != () or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    # jnp.issubdtype: bfloat16 (which optax.inject_hyperparams gives bf16 parameters) is not a NumPy floating type
+    if arr.shape != () or not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real scalar, got {value!r}")
     return float(arr)
 

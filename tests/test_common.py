@@ -171,19 +171,17 @@ def _dtypes(tree):
 
 
 SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 @functools.cache
-def _jitted(name):
-    """One instance of the registry entry, its jitted ``update`` and the list of its traces, shared by the tests of
-    one worker (one compilation per input dtype instead of one per test)."""
-    tx, traces = REGISTRY[name].make(), []
+def _cached_inputs(via, batch_size, dtype, seed):
+    """``_gradients`` of an entry with these ``stats``/``batch_size`` needs, computed once and shared by all entries."""
+    return _inputs(Entry(None, {}, stats=via, batch_size=batch_size), _per_example(_params(dtype), seed))
 
-    def update(updates, state, params, **extra):
-        traces.append(1)
-        return tx.update(updates, state, params, **extra)
 
-    return tx, jax.jit(update), traces
+def _entry_inputs(entry, dtype, seed, via=None):
+    return _cached_inputs(via or entry.stats, entry.batch_size, dtype, seed)
 
 
 def _placed_init(tx, params):
@@ -193,80 +191,142 @@ def _placed_init(tx, params):
     return state
 
 
+@functools.cache
+def _jitted_updates(name):
+    """Three jitted updates of one instance of the entry from states put on a device with an explicit sharding, for
+    float32 and bfloat16 params at once (one jitted function: one compilation per entry instead of one per dtype and
+    test), with the number of traces after the first call and at the end. Shared by the tests of one entry, which
+    run on one worker (``xdist_group``)."""
+    entry = REGISTRY[name]
+    tx, traces = entry.make(), []
+
+    @jax.jit
+    def update(per_dtype):
+        traces.append(1)
+        return {d: tx.update(u, s, p, **extra) for d, (u, s, p, extra) in per_dtype.items()}
+
+    params = {str(jnp.dtype(d)): _params(d) for d in DTYPES}
+    states = {d: _placed_init(tx, p) for d, p in params.items()}
+    initial, steps = dict(states), []
+    for seed in range(3):
+        inputs = {d: _entry_inputs(entry, jnp.dtype(d), seed) for d in params}
+        out = update({d: (inputs[d][0], states[d], params[d], inputs[d][1]) for d in params})
+        states = {d: s for d, (_, s) in out.items()}
+        steps.append(out)
+        if seed == 0:
+            after_first = len(traces)
+    return tx, params, initial, steps, after_first, len(traces)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_and_finite_state_placed_with_a_sharding(name):
     """Three updates under ``jit`` from a state put on a device with an explicit sharding (``jax.device_put``, as
     a sharded checkpoint restores it): the state stays finite and keeps its sharding."""
-    entry = REGISTRY[name]
-    (tx, update, _), params = _jitted(name), _params()
-    state = _placed_init(tx, params)
-    for seed in range(3):
-        updates, extra = _gradients(entry, params, seed)
-        updates, state = update(updates, state, params, **extra)
+    *_, steps, _, _ = _jitted_updates(name)
+    updates, state = steps[-1]["float32"]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in _float_leaves(state) + _float_leaves(updates))
     assert all(x.sharding == SHARDING for x in jax.tree_util.tree_leaves(state))
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_dtype_kept(name, dtype):
     """The updates have the params' dtype, and the state's leaf dtypes do not drift over three jitted updates."""
-    entry = REGISTRY[name]
-    (tx, update, _), params = _jitted(name), _params(dtype)
-    state = initial = _placed_init(tx, params)
-    for seed in range(3):
-        updates, extra = _gradients(entry, params, seed)
-        updates, state = update(updates, state, params, **extra)
-        for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
+    _, params, initial, steps, _, _ = _jitted_updates(name)
+    key = str(jnp.dtype(dtype))
+    for out in steps:
+        updates, state = out[key]
+        for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params[key]), strict=True):
             assert u.dtype == dtype and u.shape == p.shape
-        assert _dtypes(state) == _dtypes(initial)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_unknown_extra_arguments_accepted(name):
-    entry = REGISTRY[name]
-    (tx, update, _), params = _jitted(name), _params()
-    assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    updates, extra = _gradients(entry, params)
-    expected, _ = update(updates, _placed_init(tx, params), params, **extra)
-    actual, _ = update(updates, _placed_init(tx, params), params, some_unknown=1.0, value=jnp.ones(()), **extra)
-    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
-        np.testing.assert_array_equal(a, e)
+        assert _dtypes(state) == _dtypes(initial[key])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_no_recompilation_on_second_call(name):
+    *_, after_first, after_all = _jitted_updates(name)
+    assert after_all == after_first
+
+
+CONVERGENCE_X = jax.random.normal(jax.random.key(0), (64, 3))
+CONVERGENCE_Y = CONVERGENCE_X @ jnp.array([[1.0, -1.0], [0.5, 0.0], [0.0, 2.0]]) + 0.3
+
+
+def _convergence_losses(p, idx):
+    return 0.5 * jnp.sum((CONVERGENCE_X[idx] @ p["w"] + p["b"] - CONVERGENCE_Y[idx]) ** 2, axis=-1)
+
+
+@functools.cache
+def _compositions(name):
+    """One jitted program per entry that runs every composition check from the same inputs: the plain update with
+    and without unknown extra arguments, inside ``optax.chain``, under ``optax.inject_hyperparams``, four steps of
+    ``optax.MultiSteps`` (k = 2, a ``lax.scan``) and 300 steps on a small least-squares problem (a ``lax.scan``).
+    One compilation per entry instead of one per check; the tests below read its outputs."""
     entry = REGISTRY[name]
-    (tx, update, traces), params = _jitted(name), _params()
-    state = _placed_init(tx, params)
-    for seed in range(3):
-        grads, extra = _gradients(entry, params, seed)
-        _, state = update(grads, state, params, **extra)
-        if seed == 0:
-            after_first = len(traces)
-    assert len(traces) == after_first
+    plain = entry.make()
+    params = _params()
+    per_example = entry.stats == PE  # the mean comes out: only a transformation after it sees the same updates
+    chained = optax.chain(plain, optax.scale(2.0)) if per_example else optax.chain(optax.identity(), plain)
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**entry.kwargs)
+    multi = optax.MultiSteps(entry.make(), every_k_schedule=2)
+    descending = entry.make()
+    if entry.step is not None:
+        descending = optax.chain(descending, optax.scale(-entry.step))
+
+    def descent_step(carry, k):
+        p, s = carry
+        idx = (jnp.arange(B) + B * k) % 64
+        per_ex = jax.vmap(jax.grad(lambda q, i: _convergence_losses(q, i[None])[0]), in_axes=(None, 0))(p, idx)
+        g, extra = _inputs(entry, per_ex)
+        u, s = descending.update(g, s, p, **extra)
+        return (optax.apply_updates(p, u), s), None
+
+    @jax.jit
+    def run(grads, extra, plain_state, unknown, multi_inputs, params):
+        out = {}
+        out["expected"], out["plain_state"] = plain.update(grads, plain_state, params, **extra)
+        out["with_unknown"], _ = plain.update(grads, plain_state, params, **unknown, **extra)
+        out["chained"], _ = chained.update(grads, chained.init(params), params, **extra)
+        out["injected"], out["injected_state"] = injected.update(grads, injected.init(params), params, **extra)
+
+        def multi_step(state, inputs):
+            updates, state = multi.update(inputs[0], state, params, **inputs[1])
+            return state, updates
+
+        out["multi_state"], out["multi_updates"] = jax.lax.scan(multi_step, multi.init(params), multi_inputs)
+        (out["descended"], _), _ = jax.lax.scan(descent_step, (params, descending.init(params)), jnp.arange(300))
+        return out
+
+    grads, extra = _entry_inputs(entry, jnp.float32, 0)
+    via = GS if entry.stats else None
+    multi_inputs = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *[_entry_inputs(entry, jnp.float32, seed, via) for seed in range(4)]
+    )
+    unknown = {"some_unknown": 1.0, "value": jnp.ones(())}
+    return plain, run(grads, extra, _placed_init(plain, params), unknown, multi_inputs, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_extra_arguments_accepted(name):
+    tx, out = _compositions(name)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    for a, e in zip(
+        jax.tree_util.tree_leaves(out["with_unknown"]), jax.tree_util.tree_leaves(out["expected"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, e)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inside_chain_and_inject_hyperparams(name):
     entry = REGISTRY[name]
-    params = _params()
-    grads, extra = _gradients(entry, params)
-    plain, update, _ = _jitted(name)
-    expected, plain_state = update(grads, _placed_init(plain, params), params, **extra)
-    per_example = entry.stats == PE  # the mean comes out: only a transformation after it sees the same updates
-    chained = optax.chain(plain, optax.scale(2.0)) if per_example else optax.chain(optax.identity(), plain)
-    actual, _ = jax.jit(chained.update)(grads, chained.init(params), params, **extra)
-    factor = 2.0 if per_example else 1.0
-    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
+    _, out = _compositions(name)
+    expected = out["expected"]
+    factor = 2.0 if entry.stats == PE else 1.0
+    for a, e in zip(jax.tree_util.tree_leaves(out["chained"]), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, factor * e, rtol=1e-6)
-    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**entry.kwargs)
-    state = injected.init(params)
-    actual, state = jax.jit(injected.update)(grads, state, params, **extra)
-    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True):
+    for a, e in zip(jax.tree_util.tree_leaves(out["injected"]), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
-    if rules.has_decision(plain_state):
-        assert int(rules.next_batch_size(state)) == int(rules.next_batch_size(plain_state))
+    if rules.has_decision(out["plain_state"]):
+        assert int(rules.next_batch_size(out["injected_state"])) == int(rules.next_batch_size(out["plain_state"]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -274,44 +334,20 @@ def test_inside_multi_steps(name):
     """Gradient accumulation with ``optax.MultiSteps`` (k = 2): zero updates while accumulating, the inner
     transformation's update every second step, a finite state. Statistics come as ``grad_stats=`` (the
     accumulator has the shape of the params)."""
-    entry = REGISTRY[name]
-    tx, params = optax.MultiSteps(entry.make(), every_k_schedule=2), _params()
-    update = jax.jit(tx.update)
-    state = tx.init(params)
+    _, out = _compositions(name)
+    state = out["multi_state"]
     for seed in range(4):
-        updates, extra = _gradients(entry, params, seed, via=GS if entry.stats else None)
-        updates, state = update(updates, state, params, **extra)
-        leaves = jax.tree_util.tree_leaves(updates)
+        leaves = [np.asarray(u)[seed] for u in jax.tree_util.tree_leaves(out["multi_updates"])]
         if seed % 2 == 0:
-            assert all(not np.any(np.asarray(u)) for u in leaves), "updates while accumulating"
+            assert all(not np.any(u) for u in leaves), "updates while accumulating"
         else:
-            assert any(np.any(np.asarray(u)) for u in leaves), "no update at the end of the accumulation"
+            assert any(np.any(u) for u in leaves), "no update at the end of the accumulation"
     assert int(state.gradient_step) == 2
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in _float_leaves(state))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_converges_on_a_small_problem(name):
-    entry = REGISTRY[name]
-    tx = entry.make()
-    if entry.step is not None:
-        tx = optax.chain(tx, optax.scale(-entry.step))
-    params = _params()
-    state = tx.init(params)
-    x = jax.random.normal(jax.random.key(0), (64, 3))
-    y = x @ jnp.array([[1.0, -1.0], [0.5, 0.0], [0.0, 2.0]]) + 0.3
-
-    def losses(p, idx):
-        return 0.5 * jnp.sum((x[idx] @ p["w"] + p["b"] - y[idx]) ** 2, axis=-1)
-
-    @jax.jit
-    def step(p, s, idx):
-        per_example = jax.vmap(jax.grad(lambda q, i: losses(q, i[None])[0]), in_axes=(None, 0))(p, idx)
-        g, extra = _inputs(entry, per_example)
-        u, s = tx.update(g, s, p, **extra)
-        return optax.apply_updates(p, u), s
-
-    start = float(jnp.mean(losses(params, jnp.arange(64))))
-    for k in range(300):
-        params, state = step(params, state, (jnp.arange(B) + B * k) % 64)
-    assert float(jnp.mean(losses(params, jnp.arange(64)))) < 0.05 * start
+    _, out = _compositions(name)
+    start = float(jnp.mean(_convergence_losses(_params(), jnp.arange(64))))
+    assert float(jnp.mean(_convergence_losses(out["descended"], jnp.arange(64)))) < 0.05 * start

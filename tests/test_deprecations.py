@@ -65,6 +65,7 @@ def test_unknown_attributes_still_raise():
 
 
 def test_deprecated_keyword_arguments_behave_like_the_new_ones():
+    # Two steps at batch size 4: one compilation per run (a third step would grow the batch and compile again).
     x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(16, 2)
     data = (x, x.sum(1))
     loss = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2  # noqa: E731
@@ -73,13 +74,13 @@ def test_deprecated_keyword_arguments_behave_like_the_new_ones():
         training.make_train_step(loss, tx, method="vmap"),
         training.init_train_state(jnp.zeros(2), tx),
         data,
-        num_steps=3,
+        num_steps=2,
         init_batch_size=4,
     )
     with pytest.warns(DeprecationWarning, match=r"make_train_step\(stats=...\)"):
         step = training.make_train_step(loss, tx, stats="vmap")
     with pytest.warns(DeprecationWarning, match=r"fit\(batch_size=...\)"):
-        old = training.fit(step, training.init_train_state(jnp.zeros(2), tx), data, num_steps=3, batch_size=4)
+        old = training.fit(step, training.init_train_state(jnp.zeros(2), tx), data, num_steps=2, batch_size=4)
     np.testing.assert_array_equal(np.asarray(old.state.params), np.asarray(new.state.params))
     assert [r["batch_size"] for r in old.history] == [r["batch_size"] for r in new.history]
     with pytest.raises(ValueError, match="init_batch_size"):

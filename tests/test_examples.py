@@ -16,7 +16,7 @@ def _load(name):
 
 
 def test_digits_example_grows_the_batch_and_learns(capsys):
-    result = _load("digits").main(["--steps", "12", "--eta", "0.5", "--max-batch-size", "256"])
+    result = _load("digits").main(["--steps", "12", "--eta", "0.5", "--max-batch-size", "32"])
     out = capsys.readouterr().out
     assert "batch-size trajectory" in out and "test accuracy" in out
     sizes = result["batch_sizes"]

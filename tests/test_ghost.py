@@ -40,6 +40,14 @@ def _flat(tree):
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
+def _init(model, seed, *args):
+    """Random linen parameters without running ``model.init`` op by op (each of its ops would compile): the shapes
+    from ``jax.eval_shape``, the values N(0, 0.5²) from NumPy. The statistics are checked for any parameter values."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
 def check_ghost(loss_fn, params, batch, *, mask=None, chunk_size=None, expect=None):
     """Ghost (all statistics, with and without S2) equals brute force; returns the report."""
 
@@ -129,7 +137,7 @@ def _digits_like(key, b=6):
 def test_linen_mlp_and_cnn():
     x, y = _digits_like(jax.random.key(2))
     for model in (MLP(features=(8,)), CNN(channels=(2, 3))):
-        params = model.init(jax.random.key(3), x)["params"]
+        params = _init(model, 3, x)
         report = check_ghost(classification_loss(model.apply), params, (x, y))
         assert set(report.values()) == {"ghost"}, report
 
@@ -137,7 +145,7 @@ def test_linen_mlp_and_cnn():
 def test_linen_transformer_is_covered_and_raw_params_fall_back():
     model = TransformerLM(vocab_size=32, d_model=8, num_heads=2, num_layers=1, max_len=6)
     tokens = jax.random.randint(jax.random.key(4), (4, 6), 0, 32)
-    params = model.init(jax.random.key(5), tokens)["params"]
+    params = _init(model, 5, tokens)
     report = check_ghost(language_model_loss(model.apply), params, (tokens, tokens))
     assert set(report.values()) == {"ghost"}  # embeddings (tokens and positions), attention, MLP, LayerNorms
 
@@ -149,7 +157,7 @@ def test_linen_transformer_is_covered_and_raw_params_fall_back():
 
     x = jax.random.normal(jax.random.key(6), (5, 3))
     scaled = Scaled()
-    params = scaled.init(jax.random.key(7), x)["params"]
+    params = _init(scaled, 7, x)
     report = check_ghost(lambda p, x: jnp.square(scaled.apply({"params": p}, x)), params, x)
     assert report == {"['Dense_0']['bias']": "ghost", "['Dense_0']['kernel']": "ghost", "['scale']": "vmap"}
 
@@ -171,7 +179,7 @@ class _Layers(nn.Module):
 def test_linen_layer_variants_and_fallback():
     x = jax.random.normal(jax.random.key(6), (5, 3, 4, 2))
     model = _Layers()
-    params = model.init(jax.random.key(7), x)["params"]
+    params = _init(model, 7, x)
 
     def loss_fn(p, x):
         return jnp.square(model.apply({"params": p}, x))
@@ -221,7 +229,7 @@ def test_float64_and_bf16_activations():
         _close(stats.sq_norm_sum, _brute_force(grads)["q"], rtol=1e-12)
     model = MLP(features=(8,))
     x, y = _digits_like(jax.random.key(11))
-    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(12), x)["params"])
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _init(model, 12, x))
     both = jax.jit(
         lambda p, b: [grad_stats(classification_loss(model.apply), p, b, method=m) for m in ("ghost", "vmap")]
     )

@@ -8,6 +8,8 @@ the optimum (signal dominates) the batch stays put; as SGD closes in, noise domi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,25 +20,33 @@ import adabatch
 D, ETA, B0, B_MAX = 10, 0.5, 8, 1024
 
 
-def _run(tx, sigma, steps, seed=0):
-    """Train with batches of the decided size (a fixed buffer of B_MAX examples, the rest masked out)."""
+@functools.cache
+def _step(make_tx):
+    """The jitted training step of ``make_tx()``, with the noise level σ traced: one compilation serves every σ."""
+    tx = make_tx()
 
-    def loss_fn(theta, xi):
+    def loss_fn(theta, xi, sigma):
         return 0.5 * jnp.sum(theta**2) + sigma * xi @ theta  # θ* = 0
 
     @jax.jit
-    def step(theta, state, key):
+    def step(theta, state, key, sigma):
         xi = jax.random.normal(key, (B_MAX, D))
         mask = jnp.arange(B_MAX) < adabatch.next_batch_size(state)
-        stats = adabatch.grad_stats(loss_fn, theta, xi, mask=mask)
+        stats = adabatch.grad_stats(lambda t, x: loss_fn(t, x, sigma), theta, xi, mask=mask)
         updates, state = tx.update(stats.mean, state, theta, grad_stats=stats)
         return optax.apply_updates(theta, updates), state
 
+    return tx, step
+
+
+def _run(make_tx, sigma, steps, seed=0):
+    """Train with batches of the decided size (a fixed buffer of B_MAX examples, the rest masked out)."""
+    tx, step = _step(make_tx)
     theta, state = jnp.full(D, 10.0), tx.init(jnp.zeros(D))
     assert int(adabatch.next_batch_size(state)) == B0
     sizes, distances = [], []
     for key in jax.random.split(jax.random.key(seed), steps):
-        theta, state = step(theta, state, key)
+        theta, state = step(theta, state, key, jnp.float32(sigma))
         sizes.append(int(adabatch.next_batch_size(state)))
         distances.append(float(jnp.sum(theta**2)))
     return np.array(sizes), np.array(distances)
@@ -46,8 +56,12 @@ def _sgd_with_norm_test():
     return optax.chain(adabatch.norm_test(ETA, init_batch_size=B0, max_batch_size=B_MAX), optax.sgd(0.1))
 
 
+def _adadagrad_norm():
+    return adabatch.adadagrad_norm(10.0, eta=ETA, init_batch_size=B0, max_batch_size=B_MAX)
+
+
 def test_batch_grows_when_noise_dominates():
-    sizes, distances = _run(_sgd_with_norm_test(), sigma=1.0, steps=80)
+    sizes, distances = _run(_sgd_with_norm_test, sigma=1.0, steps=80)
     threshold = D * 1.0 / (B0 * ETA**2)  # ‖θ−θ*‖² below which a batch of B0 fails the test
     far = distances > 10 * threshold
     assert far[:10].all()
@@ -57,13 +71,12 @@ def test_batch_grows_when_noise_dominates():
 
 
 def test_batch_stays_put_when_noise_is_small():
-    sizes, distances = _run(_sgd_with_norm_test(), sigma=1e-3, steps=40)
+    sizes, distances = _run(_sgd_with_norm_test, sigma=1e-3, steps=40)
     assert distances[-1] > 1e-2  # still far from the optimum relative to the noise
     assert (sizes == B0).all()
 
 
 def test_adadagrad_norm_grows_under_noise():
-    tx = adabatch.adadagrad_norm(10.0, eta=ETA, init_batch_size=B0, max_batch_size=B_MAX)
-    sizes, distances = _run(tx, sigma=1.0, steps=100)
+    sizes, distances = _run(_adadagrad_norm, sigma=1.0, steps=100)
     assert sizes[0] == B0 and sizes[-1] >= 4 * B0
     assert distances[-1] < 1e-2 * distances[0]

@@ -119,16 +119,20 @@ def test_merge_is_exact_and_drops_inner_sq_sum():
 # --- the producer: grad_stats(loss_fn, params, batch) ------------------------------------------------------------
 
 
+def _linear_loss(p, batch):
+    x, y = batch
+    return 0.5 * jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, axis=-1)
+
+
+# one jax.grad per example, no vmap (compiled once per dtype for the whole module: the rows are passed as
+# arguments, not sliced eagerly, and the function is shared by every test)
+_grad_one = jax.jit(jax.grad(lambda q, xi, yi: _linear_loss(q, (xi[None], yi[None]))[0]))
+
+
 def _linear_problem(rng, b, dtype=np.float32):
     params = {"w": jnp.asarray(rng.standard_normal((5, 3)), dtype), "b": jnp.asarray(rng.standard_normal(3), dtype)}
     batch = (jnp.asarray(rng.standard_normal((b, 5)), dtype), jnp.asarray(rng.standard_normal((b, 3)), dtype))
-
-    def loss_fn(p, batch):
-        x, y = batch
-        return 0.5 * jnp.sum((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2, axis=-1)
-
-    # one jax.grad per example, no vmap (compiled once: the rows are passed as arguments, not sliced eagerly)
-    grad_one = jax.jit(jax.grad(lambda q, xi, yi: loss_fn(q, (xi[None], yi[None]))[0]))
+    loss_fn, grad_one = _linear_loss, _grad_one
 
     def brute_force(p):
         x, y = np.asarray(batch[0]), np.asarray(batch[1])

@@ -5,7 +5,9 @@ What lives here: AdaGrad and AdaGrad-Norm in the paper's form (:func:`adagrad`, 
 :func:`scale_by_belief`), and the AdAdaGrad combinations of a batch-size test and its optimizer
 (:func:`adadagrad`, :func:`adadagrad_norm`). Related methods with their official semantics: Eve
 (:func:`eve`, :func:`evew`, :func:`scale_by_eve`; reads examplewise statistics), Tom (:func:`tom`,
-:func:`scale_by_tom`) and MaxVA (:func:`maxva`, :func:`scale_by_maxva`). A ``scale_by_*`` block never flips the
+:func:`scale_by_tom`), MaxVA (:func:`maxva`, :func:`scale_by_maxva`), ActiveLR (:func:`active_lr` around any
+transformation, :func:`active_adam`, :func:`active_adabelief`) and AdaLomo (:func:`adalomo`,
+:func:`scale_by_adalomo`). A ``scale_by_*`` block never flips the
 sign nor applies the learning rate; the alias is ``optax.chain(scale_by_*(...), optax.scale_by_learning_rate(lr))``.
 
 May import: :mod:`adabatch.rules`, :mod:`adabatch.stats` and the base modules.
