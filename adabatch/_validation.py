@@ -90,3 +90,26 @@ def tree_accumulation_dtype(tree: Any) -> jnp.dtype:
     """:func:`accumulation_dtype` of the result type of ``tree``'s leaves (float32 for an empty tree)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a Python (or NumPy) bool: a flag that selects the program's structure."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
+
+
+def check_state_dtype(state_dtype: Any) -> None:
+    """Raise unless ``state_dtype`` is None or a floating dtype."""
+    if state_dtype is None:
+        return
+    try:
+        dtype = jnp.dtype(state_dtype)
+    except TypeError as exc:
+        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
+
+
+def one_minus_pow(beta: Any, t: Any) -> jax.Array:
+    """``1 - beta**t`` without the cancellation of the naive form in low precision (beta = 0 gives 1 for t >= 1)."""
+    return -jnp.expm1(t * jnp.log(beta))

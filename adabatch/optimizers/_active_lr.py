@@ -17,9 +17,11 @@ import optax
 from adabatch._validation import (
     accumulation_dtype,
     check_choice,
+    check_flag,
     check_floating_tree,
     check_positive,
     check_positive_int,
+    check_state_dtype,
     check_unit_interval,
     is_concrete,
 )
@@ -38,22 +40,6 @@ class ActiveLRState(NamedTuple):
     accum: optax.Updates  # params-shaped, state dtype: c, sum of the gradients of the current (unfinished) period
     prev_accum: optax.Updates  # params-shaped, state dtype: c_prev, sum over the last complete period (0 before)
     inner_state: optax.OptState  # the wrapped transformation's state
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
 
 
 def _check_gain_factors(lr_high: Any, lr_low: Any, increase: str) -> None:
@@ -136,7 +122,7 @@ def active_lr(
         raise ValueError(f"inner must be an optax GradientTransformation, got {inner!r}")
     check_positive_int("period", period)
     _check_gain_factors(lr_high, lr_low, increase)
-    _check_state_dtype(state_dtype)
+    check_state_dtype(state_dtype)
     inner = optax.with_extra_args_support(inner)
     if is_concrete(period):
         period = int(period)  # else traced (optax.inject_hyperparams): the arithmetic below works on arrays too
@@ -245,7 +231,7 @@ def active_adam(
     check_unit_interval("b2", b2)
     check_positive("eps", eps, allow_zero=True)
     check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_state_dtype(state_dtype)
+    check_state_dtype(state_dtype)
     adam = optax.scale_by_adam(b1, b2, eps, mu_dtype=state_dtype)
     # identity() has the same (empty) state as add_decayed_weights, so the state tree does not depend on a Python 0.
     decay = optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay)
@@ -326,8 +312,8 @@ def active_adabelief(
     """
     _check_lr(learning_rate)
     check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_flag("weight_decouple", weight_decouple)
-    _check_flag("fixed_decay", fixed_decay)
+    check_flag("weight_decouple", weight_decouple)
+    check_flag("fixed_decay", fixed_decay)
     belief = scale_by_belief(b1, b2, eps, rectify=False, state_dtype=state_dtype)
     no_decay = _is_zero(weight_decay)
     decay = optax.identity() if no_decay else optax.add_decayed_weights(weight_decay)

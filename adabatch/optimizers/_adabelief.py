@@ -12,10 +12,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_unit_interval
+from adabatch._validation import (
+    accumulation_dtype,
+    check_flag,
+    check_floating_tree,
+    check_positive,
+    check_state_dtype,
+    check_unit_interval,
+)
 
 __all__ = ["ScaleByBeliefState", "adabelief", "scale_by_belief"]
 
@@ -28,22 +34,6 @@ class ScaleByBeliefState(NamedTuple):
     mu: optax.Updates  # params-shaped, state dtype: first moment m_t (EMA of gradients)
     nu: optax.Updates  # params-shaped, state dtype: belief s_t (EMA of (g - m)^2, eps added in every step)
     nu_max: optax.Updates  # params-shaped, state dtype: running max of s_t if amsgrad=True; None (no leaves) otherwise
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
 
 
 def _one_minus_pow(log_beta: jax.Array, t: jax.Array) -> jax.Array:
@@ -155,8 +145,8 @@ def scale_by_belief(
     check_unit_interval("b2", b2)
     check_positive("eps", eps, allow_zero=True)
     for name, flag in (("amsgrad", amsgrad), ("rectify", rectify), ("degenerated_to_sgd", degenerated_to_sgd)):
-        _check_flag(name, flag)
-    _check_state_dtype(state_dtype)
+        check_flag(name, flag)
+    check_state_dtype(state_dtype)
 
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
@@ -296,7 +286,7 @@ def adabelief(
         check_positive("learning_rate", learning_rate, allow_zero=True)
     check_positive("weight_decay", weight_decay, allow_zero=True)
     for name, flag in (("weight_decouple", weight_decouple), ("fixed_decay", fixed_decay)):
-        _check_flag(name, flag)
+        check_flag(name, flag)
     belief = scale_by_belief(
         b1,
         b2,

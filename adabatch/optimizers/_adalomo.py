@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, is_concrete
+from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_state_dtype, is_concrete
 
 __all__ = ["ScaleByAdalomoState", "adalomo", "scale_by_adalomo"]
 
@@ -29,17 +29,6 @@ class ScaleByAdalomoState(NamedTuple):
     v_col: optax.Updates  # per leaf of ndim >= 2: shape[:-2] + shape[-1:], state dtype: c_t, EMA of the column means;
     #                       shape (0,) for leaves of ndim < 2
     v: optax.Updates  # per leaf of ndim < 2: the leaf's shape, state dtype: v_t, EMA of g^2 + eps1; (0,) for matrices
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -121,7 +110,7 @@ def scale_by_adalomo(
                 f"decay_rate must be a finite number <= 0 (beta2_t = 1 - t**decay_rate), got {decay_rate!r}"
             )
     check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_state_dtype(state_dtype)
+    check_state_dtype(state_dtype)
 
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))

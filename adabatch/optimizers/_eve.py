@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_unit_interval
+from adabatch._validation import (
+    accumulation_dtype,
+    check_flag,
+    check_floating_tree,
+    check_positive,
+    check_state_dtype,
+    check_unit_interval,
+    one_minus_pow,
+)
 from adabatch.stats import GradStatsNeeds, read_statistics
 
 __all__ = ["ScaleByEveState", "eve", "evew", "scale_by_eve"]
@@ -30,27 +38,6 @@ class ScaleByEveState(NamedTuple):
     mu: optax.Updates  # params-shaped, state dtype: first moment m_t (EMA of the batch-mean gradient)
     nu: optax.Updates  # params-shaped, state dtype: s_t, EMA of the batch mean of examplewise squares (1/b) Σ g_i²
     grad_stats_needs: GradStatsNeeds  # static (no leaves): Σ g_i ⊙ g_i (sq_sum=True)
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
-
-
-def _one_minus_pow(beta: jax.Array, t: jax.Array) -> jax.Array:
-    """``1 - beta**t`` without the cancellation of the naive form in low precision (beta = 0 gives 1 for t >= 1)."""
-    return -jnp.expm1(t * jnp.log(beta))
 
 
 _MISSING_STATS = (
@@ -135,8 +122,8 @@ def scale_by_eve(
     check_unit_interval("b2", b2)
     check_positive("eps", eps, allow_zero=True)
     check_positive("eps_root", eps_root, allow_zero=True)
-    _check_flag("per_example", per_example)
-    _check_state_dtype(state_dtype)
+    check_flag("per_example", per_example)
+    check_state_dtype(state_dtype)
 
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
@@ -173,7 +160,7 @@ def scale_by_eve(
                 t = count.astype(dtype)
                 beta1, beta2 = (jnp.asarray(v).astype(dtype) for v in (b1, b2))
                 n = jnp.asarray(stats.count).astype(dtype)
-                scalars[dtype] = (beta1, beta2, _one_minus_pow(beta1, t), _one_minus_pow(beta2, t), n)
+                scalars[dtype] = (beta1, beta2, one_minus_pow(beta1, t), one_minus_pow(beta2, t), n)
             return scalars[dtype]
 
         def moments(g: jax.Array, sq: jax.Array, m: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -17,10 +17,13 @@ import optax
 from adabatch._validation import (
     accumulation_dtype,
     check_choice,
+    check_flag,
     check_floating_tree,
     check_positive,
+    check_state_dtype,
     check_unit_interval,
     is_concrete,
+    one_minus_pow,
     tree_accumulation_dtype,
 )
 
@@ -44,27 +47,6 @@ class ScaleByMaxVAState(NamedTuple):
     momentum: optax.Updates  # params-shaped, state dtype: LaMadam: d_t (lr-weighted EMA of g/denom); MAdam: m̃_t
     lr_sum: jax.Array | None  # shape (), float (lamadam): L_t = μ L_{t-1} + (1-μ) η_t; None for madam
     denom_max: optax.Updates  # params-shaped (madam with amsgrad): running max of the denominator; None otherwise
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
-
-
-def _one_minus_pow(beta: jax.Array, t: jax.Array) -> jax.Array:
-    """``1 - beta**t`` without the cancellation of the naive form in low precision (beta = 0 gives 1 for t >= 1)."""
-    return -jnp.expm1(t * jnp.log(beta))
 
 
 def _check_betas(b1: Any, beta_min: Any, beta_max: Any) -> None:
@@ -179,7 +161,7 @@ def scale_by_maxva(
     _check_betas(b1, beta_min, beta_max)
     check_positive("eps", eps, allow_zero=True)
     for name, flag in (("amsgrad", amsgrad), ("nesterov", nesterov), ("paper_eps", paper_eps)):
-        _check_flag(name, flag)
+        check_flag(name, flag)
     lamadam = form == "lamadam"
     if lamadam and amsgrad:
         raise ValueError("amsgrad=True needs form='madam' (the official LaMadam accepts amsgrad but never uses it)")
@@ -189,7 +171,7 @@ def scale_by_maxva(
         raise ValueError("learning_rate is only used by form='lamadam' (MAdam applies it outside); pass None")
     if learning_rate is not None and not callable(learning_rate):
         check_positive("learning_rate", learning_rate, allow_zero=True)
-    _check_state_dtype(state_dtype)
+    check_state_dtype(state_dtype)
 
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
@@ -235,7 +217,7 @@ def scale_by_maxva(
                     c["lr"] = lr_t.astype(dtype)
                     c["lr_sum"] = lr_sum.astype(dtype)
                 else:
-                    c["bc1"] = _one_minus_pow(c["b1"], count.astype(dtype))
+                    c["bc1"] = one_minus_pow(c["b1"], count.astype(dtype))
                 scalars[dtype] = c
             return scalars[dtype]
 
@@ -354,7 +336,7 @@ def maxva(
     check_positive("weight_decay", weight_decay, allow_zero=True)
     if weight_decouple is None:
         weight_decouple = _DEFAULTS[form][2]
-    _check_flag("weight_decouple", weight_decouple)
+    check_flag("weight_decouple", weight_decouple)
     core = scale_by_maxva(
         form,
         b1,

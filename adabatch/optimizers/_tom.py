@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_unit_interval
+from adabatch._validation import (
+    accumulation_dtype,
+    check_flag,
+    check_floating_tree,
+    check_positive,
+    check_state_dtype,
+    check_unit_interval,
+    one_minus_pow,
+)
 
 __all__ = ["ScaleByTomState", "scale_by_tom", "tom"]
 
@@ -25,27 +33,6 @@ class ScaleByTomState(NamedTuple):
     trend: optax.Updates  # params-shaped, state dtype: trend b_t (smoothed gradient difference g_t - g_{t-1})
     nu: optax.Updates  # params-shaped, state dtype: second moment v_t (EMA of g_t²)
     prev_grad: optax.Updates  # params-shaped, state dtype: the previous gradient g_{t-1} (zeros before step 1)
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a Python bool (it selects the program structure), got {value!r}")
-
-
-def _check_state_dtype(state_dtype: Any) -> None:
-    if state_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(state_dtype)
-    except TypeError as exc:
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}") from exc
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
-
-
-def _one_minus_pow(beta: jax.Array, t: jax.Array) -> jax.Array:
-    """``1 - beta**t`` without the cancellation of the naive form in low precision (beta = 0 gives 1 for t >= 1)."""
-    return -jnp.expm1(t * jnp.log(beta))
 
 
 def scale_by_tom(
@@ -104,8 +91,8 @@ def scale_by_tom(
     for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
         check_unit_interval(name, beta)
     check_positive("eps", eps, allow_zero=True)
-    _check_flag("level_trend_bias_correction", level_trend_bias_correction)
-    _check_state_dtype(state_dtype)
+    check_flag("level_trend_bias_correction", level_trend_bias_correction)
+    check_state_dtype(state_dtype)
 
     def leaf_dtype(p: Any) -> jnp.dtype:
         return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
@@ -127,8 +114,8 @@ def scale_by_tom(
             if dtype not in scalars:
                 t = count.astype(dtype)
                 beta1, beta2, beta3, epsilon = (jnp.asarray(v).astype(dtype) for v in (b1, b2, b3, eps))
-                c = _one_minus_pow(beta1 * beta2, t) if level_trend_bias_correction else jnp.ones((), dtype)
-                root_bc3 = jnp.sqrt(_one_minus_pow(beta3, t))
+                c = one_minus_pow(beta1 * beta2, t) if level_trend_bias_correction else jnp.ones((), dtype)
+                root_bc3 = jnp.sqrt(one_minus_pow(beta3, t))
                 scalars[dtype] = (beta1, beta2, beta3, epsilon, c, root_bc3)
             return scalars[dtype]
 
