@@ -113,3 +113,9 @@ def check_state_dtype(state_dtype: Any) -> None:
 def one_minus_pow(beta: Any, t: Any) -> jax.Array:
     """``1 - beta**t`` without the cancellation of the naive form in low precision (beta = 0 gives 1 for t >= 1)."""
     return -jnp.expm1(t * jnp.log(beta))
+
+
+def state_leaf_dtype(param: Any, state_dtype: Any = None) -> jnp.dtype:
+    """The dtype of an optimizer-state leaf for ``param``: ``state_dtype`` when given, else
+    :func:`accumulation_dtype` of the parameter's dtype."""
+    return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(param))

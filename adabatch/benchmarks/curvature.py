@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from adabatch.benchmarks._report import replace_section
 from adabatch.benchmarks.stats import MODELS, _interleaved, make_problem
 from adabatch.curvature import hessian_spectrum, hvp
 
@@ -129,21 +130,7 @@ def render(results: list[dict], command: str) -> str:
 
 def _write_section(path: str, text: str) -> None:
     """Replace (or append) the ``## Curvature`` section of ``path``; other sections stay untouched."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines(keepends=True)
-    except FileNotFoundError:
-        lines = ["# Benchmarks\n"]
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    body = text.rstrip("\n") + "\n"
-    if start is None:
-        new = "".join(lines).rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n" + rest if rest else "")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    replace_section(path, SECTION, text)
 
 
 def execute(args: argparse.Namespace) -> int:

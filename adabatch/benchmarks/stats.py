@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from adabatch.benchmarks._report import replace_section
 from adabatch.datasets import load_digits, load_text
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
 from adabatch.stats import grad_stats, inner_products
@@ -432,21 +433,7 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
 
 def write_section(path: str, text: str) -> None:
     """Replace (or append) the ``## Per-example statistics`` section of ``path``; other sections stay untouched."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines(keepends=True)
-    except FileNotFoundError:
-        lines = ["# Benchmarks\n"]
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    body = text.rstrip("\n") + "\n"
-    if start is None:
-        new = "".join(lines).rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n" + rest if rest else "")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    replace_section(path, SECTION, text)
 
 
 def execute(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 
 from adabatch._validation import (
-    accumulation_dtype,
     check_choice,
     check_flag,
     check_floating_tree,
@@ -24,6 +23,7 @@ from adabatch._validation import (
     check_state_dtype,
     check_unit_interval,
     is_concrete,
+    state_leaf_dtype,
 )
 from adabatch.optimizers._adabelief import scale_by_belief
 
@@ -127,15 +127,12 @@ def active_lr(
     if is_concrete(period):
         period = int(period)  # else traced (optax.inject_hyperparams): the arithmetic below works on arrays too
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ActiveLRState:
         check_floating_tree("params", params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params)
         return ActiveLRState(
             count=jnp.zeros([], jnp.int32),
-            gain=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), leaf_dtype(p)), params),
+            gain=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params),
             accum=zeros,
             prev_accum=zeros,
             inner_state=inner.init(params),

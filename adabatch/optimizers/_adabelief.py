@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from adabatch._validation import (
-    accumulation_dtype,
     check_flag,
     check_floating_tree,
     check_positive,
     check_state_dtype,
     check_unit_interval,
+    state_leaf_dtype,
 )
 
 __all__ = ["ScaleByBeliefState", "adabelief", "scale_by_belief"]
@@ -148,12 +148,9 @@ def scale_by_belief(
         check_flag(name, flag)
     check_state_dtype(state_dtype)
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ScaleByBeliefState:
         check_floating_tree("params", params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params)
         return ScaleByBeliefState(
             count=jnp.zeros([], jnp.int32),
             mu=zeros,

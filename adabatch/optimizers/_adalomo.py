@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adabatch._validation import accumulation_dtype, check_floating_tree, check_positive, check_state_dtype, is_concrete
+from adabatch._validation import (
+    accumulation_dtype,
+    check_floating_tree,
+    check_positive,
+    check_state_dtype,
+    is_concrete,
+    state_leaf_dtype,
+)
 
 __all__ = ["ScaleByAdalomoState", "adalomo", "scale_by_adalomo"]
 
@@ -112,14 +119,11 @@ def scale_by_adalomo(
     check_positive("weight_decay", weight_decay, allow_zero=True)
     check_state_dtype(state_dtype)
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ScaleByAdalomoState:
         check_floating_tree("params", params)
 
         def zeros(p: Any, kind: str) -> jax.Array:
-            shape, dtype = jnp.shape(p), leaf_dtype(p)
+            shape, dtype = jnp.shape(p), state_leaf_dtype(p, state_dtype)
             if len(shape) < 2:
                 return jnp.zeros(shape if kind == "v" else (0,), dtype)
             if kind == "row":

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from adabatch._validation import (
-    accumulation_dtype,
     check_flag,
     check_floating_tree,
     check_positive,
     check_state_dtype,
     check_unit_interval,
     one_minus_pow,
+    state_leaf_dtype,
 )
 from adabatch.stats import GradStatsNeeds, read_statistics
 
@@ -125,12 +125,9 @@ def scale_by_eve(
     check_flag("per_example", per_example)
     check_state_dtype(state_dtype)
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ScaleByEveState:
         check_floating_tree("params", params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params)
         return ScaleByEveState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, grad_stats_needs=_NEEDS)
 
     def update_fn(

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from adabatch._validation import (
-    accumulation_dtype,
     check_choice,
     check_flag,
     check_floating_tree,
@@ -24,6 +23,7 @@ from adabatch._validation import (
     check_unit_interval,
     is_concrete,
     one_minus_pow,
+    state_leaf_dtype,
     tree_accumulation_dtype,
 )
 
@@ -173,12 +173,9 @@ def scale_by_maxva(
         check_positive("learning_rate", learning_rate, allow_zero=True)
     check_state_dtype(state_dtype)
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ScaleByMaxVAState:
         check_floating_tree("params", params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params)
         scalar_dtype = jnp.dtype(state_dtype) if state_dtype is not None else tree_accumulation_dtype(params)
         return ScaleByMaxVAState(
             count=jnp.zeros([], jnp.int32),

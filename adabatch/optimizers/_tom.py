@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import optax
 
 from adabatch._validation import (
-    accumulation_dtype,
     check_flag,
     check_floating_tree,
     check_positive,
     check_state_dtype,
     check_unit_interval,
     one_minus_pow,
+    state_leaf_dtype,
 )
 
 __all__ = ["ScaleByTomState", "scale_by_tom", "tom"]
@@ -94,12 +94,9 @@ def scale_by_tom(
     check_flag("level_trend_bias_correction", level_trend_bias_correction)
     check_state_dtype(state_dtype)
 
-    def leaf_dtype(p: Any) -> jnp.dtype:
-        return jnp.dtype(state_dtype) if state_dtype is not None else accumulation_dtype(jnp.result_type(p))
-
     def init_fn(params: optax.Params) -> ScaleByTomState:
         check_floating_tree("params", params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), leaf_dtype(p)), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_leaf_dtype(p, state_dtype)), params)
         return ScaleByTomState(count=jnp.zeros([], jnp.int32), level=zeros, trend=zeros, nu=zeros, prev_grad=zeros)
 
     def update_fn(
