@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Callable
 
-__all__ = ["CommandError", "Parser", "at_least", "check", "choice", "output_dir", "positive_float"]
+__all__ = ["CommandError", "Parser", "at_least", "check", "choice", "host_port", "output_dir", "positive_float"]
 
 
 class CommandError(Exception):
@@ -69,6 +69,14 @@ def output_dir(text: str) -> str:
     """An argparse type: a directory to write into (absent, or an existing directory; not a file)."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
+
+
+def host_port(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` (a host name or address, ``[v6]`` in brackets, and a port in 1..65535)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1..65535, got {text!r}")
     return text
 
 

@@ -3,6 +3,12 @@
 Writes ``<out>/metrics.jsonl`` (one line per step), ``<out>/summary.json`` and PNG plots; with
 ``--checkpoint-dir`` the run is checkpointed and ``--resume`` continues it exactly. The helpers here (building the
 transformation, running one configuration, writing outputs) are shared with ``adabatch demo``.
+
+Several processes (one per host, or several on one host): ``--coordinator-address HOST:PORT --num-processes N
+--process-id I`` are passed to ``jax.distributed.initialize`` (all three or none; where a launcher sets up JAX's
+own discovery, SLURM with several tasks, Open MPI or ``JAX_COORDINATOR_ADDRESS``, none is needed; a Cloud TPU pod
+slice needs none either). The batch is then sharded over the devices of every process, and only process 0 prints
+and writes the outputs.
 """
 
 from __future__ import annotations
@@ -11,18 +17,21 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from adabatch.cli._args import at_least, check, choice, output_dir, positive_float
+from adabatch.cli._args import at_least, check, choice, host_port, output_dir, positive_float
 
 __all__ = ["OPTIMIZERS", "RULES", "build_tx", "params_sha256", "register", "run_config", "write_plots"]
 
 RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm", "none")
 OPTIMIZERS = ("adagrad_norm", "adagrad", "adabelief", "sgd", "adam")
+# How long a process waits for the coordinator and for the other processes before it fails (JAX's default).
+INITIALIZATION_TIMEOUT_S = 300
 
 
 def build_tx(
@@ -97,11 +106,13 @@ def run_config(
     resume: bool = False,
     progress: bool = True,
     micro_batch_size: int | None = None,
+    mesh: Any = None,
 ) -> tuple[dict, list[dict]]:
     """Train ``model`` on ``data`` (a :class:`adabatch.datasets.Split`) with ``tx``; returns (summary, history).
 
     The test accuracy is evaluated every ``eval_every`` steps and at the last step (key ``test_accuracy`` of those
     history records). Each history record is written as one JSON line to ``metrics_file`` (with ``run=name``).
+    ``mesh`` shards the batch over its ``data`` axis (needed with several processes: a mesh over ``jax.devices()``).
     """
     import jax
     import jax.numpy as jnp
@@ -110,8 +121,13 @@ def run_config(
     from adabatch.training import fit, init_train_state, make_train_step
 
     params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
-    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, data.x_test), -1) == data.y_test))
-    step = make_train_step(classification_loss(model.apply), tx, micro_batch_size=micro_batch_size)
+    jitted_accuracy = jax.jit(
+        lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, data.x_test), -1) == data.y_test)
+    )
+    # With several processes the parameters are a global (replicated) array: evaluate this process's copy locally.
+    local = jax.device_get if jax.process_count() > 1 else (lambda p: p)
+    accuracy = lambda p: jitted_accuracy(local(p))  # noqa: E731
+    step = make_train_step(classification_loss(model.apply), tx, micro_batch_size=micro_batch_size, mesh=mesh)
 
     def evaluate(state, record):
         if record["step"] % eval_every == 0 or record["step"] == steps:
@@ -183,10 +199,19 @@ def write_plots(out: str, histories: dict[str, list[dict]]) -> list[str]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    _start_distributed(args)  # before anything touches a JAX backend
+    import jax
+
     from adabatch.datasets import load_digits
     from adabatch.flax.models import CNN, MLP
 
-    _check_flags(args)
+    lead = jax.process_index() == 0  # only process 0 prints and writes the outputs
+    mesh = None
+    if jax.process_count() > 1:
+        from jax.sharding import Mesh
+
+        mesh = Mesh(np.array(jax.devices()), ("data",))
     tx = build_tx(
         args.rule,
         args.optimizer,
@@ -195,9 +220,12 @@ def _main(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         init_batch_size=args.batch_size,
     )
-    os.makedirs(args.out, exist_ok=True)
     name = f"{args.rule}+{args.optimizer}"
-    with open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") as metrics_file:
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
+    with (
+        open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if lead else open(os.devnull, "w")
+    ) as metrics_file:
         try:
             summary, history = run_config(
                 name,
@@ -214,6 +242,7 @@ def _main(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 progress=not args.quiet,
                 micro_batch_size=args.micro_batch_size,
+                mesh=mesh,
             )
         except ValueError as exc:  # CheckpointError included: a clear message, nothing overwritten
             print(f"adabatch train: error: {exc}", file=sys.stderr)
@@ -223,9 +252,12 @@ def _main(args: argparse.Namespace) -> int:
                 "adabatch train: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr
             )
             return 130
+    if not lead:
+        return 0
     if args.resume:  # the summary and the plots cover the whole run, as metrics.jsonl does
         history = _whole_run(os.path.join(args.out, "metrics.jsonl"), name)
         summary["batch_sizes"] = [h["batch_size"] for h in history]
+    summary["process_count"], summary["device_count"] = jax.process_count(), jax.device_count()
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({name: summary}, f, indent=2)
@@ -251,6 +283,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             f"--batch-size {args.batch_size} is above --max-batch-size {args.max_batch_size}",
         )
     check(not args.resume or args.checkpoint_dir is not None, "--resume needs --checkpoint-dir")
+    _check_distributed_flags(args)
     if args.resume:
         latest = _latest_checkpoint(args.checkpoint_dir)
         check(latest is not None, f"--resume: no checkpoint found in --checkpoint-dir {args.checkpoint_dir}")
@@ -258,6 +291,109 @@ def _check_flags(args: argparse.Namespace) -> None:
             latest < args.steps,
             f"--steps {args.steps} is not past the checkpoint's step {latest} (--resume continues to --steps)",
         )
+
+
+DISTRIBUTED_FLAGS = ("--coordinator-address", "--num-processes", "--process-id")
+
+
+def _check_distributed_flags(args: argparse.Namespace) -> None:
+    """All three of ``--coordinator-address --num-processes --process-id``, or none; the id below the count."""
+    values = (args.coordinator_address, args.num_processes, args.process_id)
+    given = [flag for flag, value in zip(DISTRIBUTED_FLAGS, values, strict=True) if value is not None]
+    if not given:
+        return
+    missing = [flag for flag in DISTRIBUTED_FLAGS if flag not in given]
+    check(
+        not missing,
+        f"{' '.join(given)} needs {' '.join(missing)} too (give all three of {', '.join(DISTRIBUTED_FLAGS)}, or none)",
+    )
+    check(
+        args.process_id < args.num_processes,
+        f"--process-id {args.process_id} must be below --num-processes {args.num_processes} (ids are 0..N-1)",
+    )
+
+
+def _launcher_started_several() -> bool:
+    """Whether a launcher whose settings ``jax.distributed.initialize()`` reads by itself started several processes.
+
+    SLURM (``srun`` with several tasks), Open MPI (``mpirun``) or an explicit ``JAX_COORDINATOR_ADDRESS``. A Cloud
+    TPU pod slice needs no initialisation: its runtime finds the other hosts.
+    """
+    env = os.environ
+
+    def several(name: str) -> bool:
+        return env.get(name, "").isdigit() and int(env[name]) > 1
+
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or ("SLURM_JOB_ID" in env and several("SLURM_NTASKS"))
+        or ("OMPI_MCA_orte_hnp_uri" in env and several("OMPI_COMM_WORLD_SIZE"))
+    )
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once ``address`` accepts a TCP connection; a clear error naming the flag after ``timeout_s``.
+
+    ``jax.distributed.initialize`` would otherwise abort the process with a gRPC deadline message after its own
+    timeout; checking first gives the user one line that says what is wrong.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, max(0.1, timeout_s))):
+                return
+        except socket.gaierror as exc:
+            check(False, f"--coordinator-address {address}: cannot resolve host {host!r} ({exc})")
+        except OSError:
+            if time.monotonic() >= deadline:
+                check(
+                    False,
+                    f"--coordinator-address {address}: no coordinator answered within {timeout_s:g} s (is process 0 "
+                    "running, and is the address reachable from this host?)",
+                )
+            time.sleep(0.25)
+
+
+def _check_port_free(address: str) -> None:
+    """Process 0 serves the coordinator on the port of ``address``: a port already in use is an error now."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            check(False, f"--coordinator-address {address}: process 0 cannot serve on port {port} ({exc.strerror})")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with the three flags (or JAX's own discovery under a launcher), if any."""
+    import jax
+
+    if args.coordinator_address is None:
+        if _launcher_started_several():
+            jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_S)
+        return
+    address, count, index = args.coordinator_address, args.num_processes, args.process_id
+    if count > 1:
+        if index == 0:
+            _check_port_free(address)
+        else:
+            _wait_for_coordinator(address, INITIALIZATION_TIMEOUT_S)
+        if not args.quiet:
+            print(
+                f"adabatch train: process {index} of {count}: joining {address} (each process waits up to "
+                f"{INITIALIZATION_TIMEOUT_S} s for the others)",
+                file=sys.stderr,
+            )
+    if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (None, "none"):  # CPU devices need them
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=count,
+        process_id=index,
+        initialization_timeout=INITIALIZATION_TIMEOUT_S,
+    )
 
 
 def _whole_run(path: str, name: str) -> list[dict]:
@@ -306,4 +442,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpoint-every", type=at_least(1), default=50, help="checkpoint interval in steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--coordinator-address",
+        type=host_port,
+        default=None,
+        help="several processes: HOST:PORT of process 0 (jax.distributed.initialize)",
+    )
+    parser.add_argument("--num-processes", type=at_least(1), default=None, help="several processes: how many")
+    parser.add_argument(
+        "--process-id", type=at_least(0), default=None, help="several processes: this one's id in 0..N-1"
+    )
     parser.set_defaults(func=_main)

@@ -12,7 +12,7 @@ and the base modules.
 
 from typing import Any
 
-from adabatch.training._data_order import DataStream, bucket_size, epoch_permutation, physical_order
+from adabatch.training._data_order import DataStream, bucket_size, epoch_permutation, physical_order, process_rows
 from adabatch.training._fit import FitResult, fit
 from adabatch.training._step import TrainState, TrainStep, init_train_state, make_train_step, required_statistics
 
@@ -29,6 +29,7 @@ __all__ = [
     "init_train_state",
     "make_train_step",
     "physical_order",
+    "process_rows",
     "required_statistics",
 ]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from adabatch._validation import check_positive_int
 
-__all__ = ["DataStream", "bucket_size", "epoch_permutation", "physical_order"]
+__all__ = ["DataStream", "bucket_size", "epoch_permutation", "physical_order", "process_rows"]
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -84,6 +84,28 @@ def physical_order(physical_size: int, micro_batch_size: int, num_shards: int = 
     k = physical_size // micro_batch_size
     logical = np.arange(physical_size).reshape(k, num_shards, micro_batch_size // num_shards)
     return logical.transpose(1, 0, 2).reshape(-1)
+
+
+def process_rows(sharding: Any, physical_size: int) -> np.ndarray:
+    """The physical rows of a ``physical_size``-row buffer that this process's devices hold under ``sharding``.
+
+    The rows of every device of this process (``sharding.addressable_devices_indices_map``), without repeats,
+    in increasing order: the local data ``jax.make_array_from_process_local_data(sharding, local)`` expects. With
+    one process, or a sharding that replicates the leading axis, every row.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec
+      >>> from adabatch.training import process_rows
+      >>> mesh = Mesh(np.array(jax.devices()), ("data",))
+      >>> process_rows(NamedSharding(mesh, PartitionSpec("data")), 4).tolist()  # one process holds every row
+      [0, 1, 2, 3]
+    """
+    check_positive_int("physical_size", physical_size)
+    held = np.zeros(physical_size, bool)
+    for index in sharding.addressable_devices_indices_map((physical_size,)).values():
+        held[index[0] if index else slice(None)] = True
+    return np.flatnonzero(held)
 
 
 class DataStream:
@@ -140,10 +162,13 @@ class DataStream:
         physical_size: int | None = None,
         micro_batch_size: int | None = None,
         num_shards: int = 1,
+        rows: np.ndarray | None = None,
     ) -> Any:
         """The next ``size`` examples from ``offset``, padded to ``physical_size`` rows in the physical layout.
 
-        Padding rows repeat real examples of the batch (they are masked out by the step).
+        Padding rows repeat real examples of the batch (they are masked out by the step). ``rows`` (physical row
+        indices, default all) selects the rows to return: a process of a multi-process run reads only the rows its
+        devices hold (:func:`process_rows`), and the rows of every process together are the whole buffer.
         """
         physical_size = size if physical_size is None else physical_size
         if physical_size < size:
@@ -152,4 +177,9 @@ class DataStream:
         logical = index[np.arange(physical_size) % size]
         if micro_batch_size is not None or num_shards > 1:
             logical = logical[physical_order(physical_size, micro_batch_size or physical_size, num_shards)]
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.ndim != 1 or (rows.size and not 0 <= rows.min() <= rows.max() < physical_size):
+                raise ValueError(f"rows must be a vector of physical row indices in [0, {physical_size})")
+            logical = logical[rows]
         return jax.tree_util.tree_map(lambda x: np.take(x, logical, axis=0), self.data)

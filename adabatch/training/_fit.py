@@ -15,7 +15,7 @@ from adabatch import _deprecation
 from adabatch._tree import find_state
 from adabatch._validation import check_positive_int
 from adabatch.rules import DECISION_FIELD, has_decision
-from adabatch.training._data_order import DataStream, bucket_size
+from adabatch.training._data_order import DataStream, bucket_size, process_rows
 from adabatch.training._step import TrainState, TrainStep, strong
 
 __all__ = ["FitResult", "fit"]
@@ -36,6 +36,13 @@ def _to_host(metrics: dict) -> dict:
         value = np.asarray(value)
         out[key] = value.item() if value.ndim == 0 else value.tolist()
     return out
+
+
+def _global_batch(sharding: Any, physical: int, local: Any) -> Any:
+    """The global ``physical``-row batch whose rows held by this process's devices are ``local``."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x, (physical, *x.shape[1:])), local
+    )
 
 
 def fit(
@@ -61,6 +68,14 @@ def fit(
     :math:`\text{base}=\texttt{init\_batch\_size}` rounded up to a multiple of the micro-batch and the number of data
     shards. A decision above the data-set size :math:`N` is capped at :math:`N` with a warning.
 
+    **Several processes** (``jax.distributed.initialize``, one per host): every process calls ``fit`` with the same
+    arguments and the same data set, and ``step`` must have a ``mesh`` over the devices of every process. The
+    stream's order depends on the seed and the offset only, so it is the same whatever the number of processes; each
+    process takes only the rows of the padded global batch that its devices hold
+    (:func:`adabatch.training.process_rows`), and ``jax.make_array_from_process_local_data`` forms the global batch.
+    The step reduces the statistics over every device of every process, so every process reads the same decision;
+    only process 0 shows the progress bar.
+
     Args:
       step: from :func:`make_train_step`.
       state: the initial state (with ``resume``, only its structure matters: the checkpoint replaces it).
@@ -77,7 +92,7 @@ def fit(
       checkpoint_every: the interval in steps (None: only at the end).
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (an error if there is none). Resumed with
         the same arguments, the run ends bit-identical to an uninterrupted one.
-      progress: show a tqdm progress bar.
+      progress: show a tqdm progress bar (on process 0 only).
       batch_size: deprecated name of ``init_batch_size`` (removed in the next release).
 
     Returns:
@@ -92,6 +107,11 @@ def fit(
     check_positive_int("num_steps", num_steps)
     check_positive_int("init_batch_size", batch_size)
     check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    if step.mesh is None and jax.process_count() > 1:
+        raise ValueError(
+            f"this is one of {jax.process_count()} processes: make_train_step needs mesh= over the devices of every "
+            "process (e.g. Mesh(np.array(jax.devices()), ('data',))) so that they share the batch"
+        )
     stream = DataStream(data, seed)
     total = stream.num_examples
     if batch_size > total:
@@ -128,13 +148,16 @@ def fit(
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharded = NamedSharding(step.mesh, PartitionSpec(step.data_axis))
+        if jax.process_count() > 1:  # an array committed to this process's devices (restored) cannot move to the
+            state = jax.device_get(state)  # devices of other processes: place the host copy, the same on each
         state = jax.device_put(state, NamedSharding(step.mesh, PartitionSpec()))
+        local_rows: dict[int, np.ndarray] = {}  # physical size -> the rows this process's devices hold
     rule = find_state(state.opt_state, has_decision)
     decision = batch_size if rule is None else int(getattr(rule, DECISION_FIELD))
     offset, done = int(state.samples), int(state.step)
     start_compilations, start = step.compilations, time.perf_counter()
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=done, unit="step", leave=False, mininterval=0.5)
@@ -150,9 +173,15 @@ def fit(
                     warned = True
                 size = total
             physical = bucket_size(size, base, cap)
-            batch = stream.batch(offset, size, physical, step.micro_batch_size, step.num_shards)
-            if step.mesh is not None:
-                batch = jax.device_put(batch, sharded)
+            if step.mesh is None:
+                batch = stream.batch(offset, size, physical, step.micro_batch_size, step.num_shards)
+            else:  # this process reads only the rows its devices hold; the rows of all processes form the batch
+                if physical not in local_rows:
+                    local_rows[physical] = process_rows(sharded, physical)
+                local = stream.batch(
+                    offset, size, physical, step.micro_batch_size, step.num_shards, rows=local_rows[physical]
+                )
+                batch = _global_batch(sharded, physical, local)
             state, metrics = step(state, batch, size)
             offset, done = offset + size, done + 1
             record = _to_host(metrics)
