@@ -3,8 +3,10 @@
 The public names live flat here and, by layer, in the subpackages (lowest first):
 
 * :mod:`adabatch.stats` — :class:`GradStats`, estimators, producers (:func:`grad_stats`), the noise scale;
-* :mod:`adabatch.rules` — the batch-size tests and the noise-scale rule; :func:`next_batch_size`;
-* :mod:`adabatch.optimizers` — AdaGrad, AdaGrad-Norm, AdaBelief, AdAdaGrad, Eve, Tom, MaxVA, ActiveLR, AdaLomo;
+* :mod:`adabatch.rules` — the batch-size tests, the noise-scale rule, the learned optimal SGD batch size;
+  :func:`next_batch_size`;
+* :mod:`adabatch.optimizers` — AdaGrad, AdaGrad-Norm, AdaBelief, AdAdaGrad, Eve, Tom, MaxVA, ActiveLR, AdaLomo,
+  CLARS;
 * :mod:`adabatch.curvature` — Hessian / Gauss-Newton vector products, Lanczos, SLQ spectra (:class:`Spectrum`);
 * :mod:`adabatch.scaling` — learning rate as a function of batch size, AdaScale;
 * :mod:`adabatch.training` — the jitted step, the host loop, data order, checkpoints;
@@ -39,6 +41,7 @@ from adabatch.optimizers import (
     ScaleByAdagradState,
     ScaleByAdalomoState,
     ScaleByBeliefState,
+    ScaleByClarsState,
     ScaleByEveState,
     ScaleByMaxVAState,
     ScaleByTomState,
@@ -51,6 +54,7 @@ from adabatch.optimizers import (
     adagrad,
     adagrad_norm,
     adalomo,
+    clars,
     eve,
     evew,
     maxva,
@@ -58,6 +62,7 @@ from adabatch.optimizers import (
     scale_by_adagrad_norm,
     scale_by_adalomo,
     scale_by_belief,
+    scale_by_clars,
     scale_by_eve,
     scale_by_maxva,
     scale_by_tom,
@@ -66,6 +71,7 @@ from adabatch.optimizers import (
 from adabatch.rules import (
     BatchSizeTestState,
     NoiseScaleRuleState,
+    OptimalBatchRuleState,
     augmented_inner_product_test,
     coordinate_norm_test,
     decide,
@@ -73,6 +79,7 @@ from adabatch.rules import (
     next_batch_size,
     noise_scale_rule,
     norm_test,
+    optimal_batch_rule,
     orthogonality_test,
 )
 from adabatch.scaling import (
@@ -155,12 +162,14 @@ __all__ = [
     "ModelLoss",
     "NoiseScaleRuleState",
     "NoiseScaleState",
+    "OptimalBatchRuleState",
     "ScaleByAdaScaleState",
     "ScaleByAdagradNormState",
     "ScaleByAdagradState",
     "ScaleByAdalomoState",
     "ScaleByBatchSizeState",
     "ScaleByBeliefState",
+    "ScaleByClarsState",
     "ScaleByEveState",
     "ScaleByMaxVAState",
     "ScaleBySampleScheduleState",
@@ -181,6 +190,7 @@ __all__ = [
     "adascale",
     "augmented_inner_product_test",
     "batch_size_factor",
+    "clars",
     "coordinate_norm_test",
     "curvature",
     "curvature_matvec",
@@ -209,6 +219,7 @@ __all__ = [
     "noise_scale_rule",
     "norm_test",
     "operator_spectrum",
+    "optimal_batch_rule",
     "optimizers",
     "orthogonality_test",
     "per_example_grads",
@@ -219,6 +230,7 @@ __all__ = [
     "scale_by_adalomo",
     "scale_by_batch_size",
     "scale_by_belief",
+    "scale_by_clars",
     "scale_by_eve",
     "scale_by_maxva",
     "scale_by_sample_schedule",

@@ -50,6 +50,12 @@ REGISTRY = {
     ),
     "coordinate_norm_test": Entry(rules.coordinate_norm_test, dict(eta=0.5, **RULE_KW), stats=PE, step=0.05),
     "noise_scale_rule": Entry(rules.noise_scale_rule, dict(decay=0.9, **RULE_KW), stats=GS, step=0.05),
+    "optimal_batch_rule": Entry(
+        rules.optimal_batch_rule,
+        dict(num_examples=64, smoothness=4.0, max_smoothness=16.0, strong_convexity=0.5, accuracy=0.01, **RULE_KW),
+        stats=PE,
+        step=0.05,
+    ),
     # statistics (adabatch.stats)
     "noise_scale": Entry(stats.noise_scale, dict(decay=0.9), stats=GS, step=0.05),
     # optimizers (adabatch.optimizers)
@@ -64,6 +70,8 @@ REGISTRY = {
     "scale_by_eve": Entry(optimizers.scale_by_eve, dict(), stats=GS, step=0.05),
     "eve": Entry(optimizers.eve, dict(learning_rate=0.05), stats=GS),
     "evew": Entry(optimizers.evew, dict(learning_rate=0.05), stats=GS),
+    "scale_by_clars": Entry(optimizers.scale_by_clars, dict(), stats=GS, step=0.005),
+    "clars": Entry(optimizers.clars, dict(learning_rate=0.005), stats=GS),
     "scale_by_tom": Entry(optimizers.scale_by_tom, dict(), step=0.05),
     "tom": Entry(optimizers.tom, dict(learning_rate=0.05)),
     "scale_by_maxva": Entry(optimizers.scale_by_maxva, dict(), step=0.05),
@@ -150,7 +158,7 @@ def _inputs(entry, per_example, via=None):
         return per_example, extra
     mean = jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), per_example)
     if via == GS:
-        extra["grad_stats"] = stats.from_per_example(per_example, sq_sum=True, inner_sq_sum=True)
+        extra["grad_stats"] = stats.from_per_example(per_example, sq_sum=True, inner_sq_sum=True, leaf_sq_norm_sum=True)
     return mean, extra
 
 

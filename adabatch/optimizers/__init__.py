@@ -6,8 +6,9 @@ What lives here: AdaGrad and AdaGrad-Norm in the paper's form (:func:`adagrad`, 
 (:func:`adadagrad`, :func:`adadagrad_norm`). Related methods with their official semantics: Eve
 (:func:`eve`, :func:`evew`, :func:`scale_by_eve`; reads examplewise statistics), Tom (:func:`tom`,
 :func:`scale_by_tom`), MaxVA (:func:`maxva`, :func:`scale_by_maxva`), ActiveLR (:func:`active_lr` around any
-transformation, :func:`active_adam`, :func:`active_adabelief`) and AdaLomo (:func:`adalomo`,
-:func:`scale_by_adalomo`). A ``scale_by_*`` block never flips the
+transformation, :func:`active_adam`, :func:`active_adabelief`), AdaLomo (:func:`adalomo`,
+:func:`scale_by_adalomo`) and CLARS (:func:`clars`, :func:`scale_by_clars`; layer-wise rates from per-leaf examplewise
+statistics). A ``scale_by_*`` block never flips the
 sign nor applies the learning rate; the alias is ``optax.chain(scale_by_*(...), optax.scale_by_learning_rate(lr))``.
 
 May import: :mod:`adabatch.rules`, :mod:`adabatch.stats` and the base modules.
@@ -26,6 +27,7 @@ from adabatch.optimizers._adagrad import (
     scale_by_adagrad_norm,
 )
 from adabatch.optimizers._adalomo import ScaleByAdalomoState, adalomo, scale_by_adalomo
+from adabatch.optimizers._clars import ScaleByClarsState, clars, scale_by_clars
 from adabatch.optimizers._eve import ScaleByEveState, eve, evew, scale_by_eve
 from adabatch.optimizers._maxva import ScaleByMaxVAState, maxva, scale_by_maxva
 from adabatch.optimizers._tom import ScaleByTomState, scale_by_tom, tom
@@ -36,6 +38,7 @@ __all__ = [
     "ScaleByAdagradState",
     "ScaleByAdalomoState",
     "ScaleByBeliefState",
+    "ScaleByClarsState",
     "ScaleByEveState",
     "ScaleByMaxVAState",
     "ScaleByTomState",
@@ -48,6 +51,7 @@ __all__ = [
     "adagrad",
     "adagrad_norm",
     "adalomo",
+    "clars",
     "eve",
     "evew",
     "maxva",
@@ -55,6 +59,7 @@ __all__ = [
     "scale_by_adagrad_norm",
     "scale_by_adalomo",
     "scale_by_belief",
+    "scale_by_clars",
     "scale_by_eve",
     "scale_by_maxva",
     "scale_by_tom",

@@ -4,7 +4,8 @@ What lives here:
 
 * :class:`GradStats`, additive sufficient statistics of a batch of per-example gradients, :func:`merge`, and the
   estimators (:func:`trace_covariance`, :func:`unbiased_grad_sq_norm`, :func:`b_simple`,
-  :func:`coordinate_variance`, :func:`inner_product_variance`, :func:`orthogonal_variance`);
+  :func:`coordinate_variance`, :func:`inner_product_variance`, :func:`orthogonal_variance`,
+  :func:`leaf_norm_ratio`);
 * the producers: :func:`grad_stats` (``method="vmap"``, ``"ghost"``, ``"auto"``, ``"microbatch"``),
   :func:`per_example_grads`, :func:`inner_products` (one forward-mode pass), the ghost layer tags of
   :mod:`adabatch.stats.ghost`, and :func:`from_group_means` / :func:`device_grad_stats` (group means);
@@ -24,6 +25,7 @@ from adabatch.stats._grad_stats import (
     coordinate_variance,
     from_per_example,
     inner_product_variance,
+    leaf_norm_ratio,
     mean_sq_norm,
     merge,
     orthogonal_variance,
@@ -71,6 +73,7 @@ __all__ = [
     "grad_stats",
     "inner_product_variance",
     "inner_products",
+    "leaf_norm_ratio",
     "mean_sq_norm",
     "merge",
     "microbatch_grad_stats",

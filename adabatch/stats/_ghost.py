@@ -63,7 +63,7 @@ import numpy as np
 
 from adabatch._validation import accumulation_dtype
 from adabatch.stats._batch import example_loss
-from adabatch.stats._grad_stats import GradStats
+from adabatch.stats._grad_stats import GradStats, _leaf_sums
 
 __all__ = [
     "GhostPlan",
@@ -538,8 +538,10 @@ def ghost_stats(
     *,
     sq_sum: bool = False,
     inner_sq_sum: bool = False,
+    leaf_sq_norm_sum: bool = False,
 ) -> tuple[GradStats, jax.Array]:
-    """One ghost pass over ``batch`` (leading axis = examples) with 0/1 example ``weights``.
+    """One ghost pass over ``batch`` (leading axis = examples) with 0/1 example ``weights``; ``leaf_sq_norm_sum``
+    keeps the per-leaf :math:`q_l` that :math:`q` sums (no extra work).
 
     Returns:
       ``(GradStats, per-example losses)``.
@@ -593,24 +595,28 @@ def ghost_stats(
     zeros = jnp.zeros(jnp.shape(weights), dtype)
     means: list[jax.Array] = []
     s2s: list[jax.Array | None] = []
-    q, a = jnp.zeros((), dtype), zeros
+    qs: list[jax.Array] = []
+    a = zeros
     for i, leaf in enumerate(leaves):
         if i not in per_leaf:  # unused: zero gradient
             means.append(jnp.zeros(jnp.shape(leaf), dtype))
             s2s.append(jnp.zeros(jnp.shape(leaf), dtype))
+            qs.append(jnp.zeros((), dtype))
             continue
         kind, st = per_leaf[i]
         mean = (st.s1 / safe_count).reshape(jnp.shape(leaf))
         means.append(mean)
         s2s.append(None if st.s2 is None else st.s2.reshape(jnp.shape(leaf)))
-        q = q + jnp.sum(st.sq)
+        qs.append(jnp.sum(st.sq))
         if inner_sq_sum:
             a = a + _inner(kind, st, mean)
+    q, leaf_q = _leaf_sums(jax.tree_util.tree_unflatten(treedef, qs))
     stats = GradStats(
         count=count.astype(jnp.int32),
         mean=jax.tree_util.tree_unflatten(treedef, means),
         sq_norm_sum=q,
         sq_sum=jax.tree_util.tree_unflatten(treedef, s2s) if sq_sum else None,
         inner_sq_sum=jnp.sum(jnp.square(a)) if inner_sq_sum else None,
+        leaf_sq_norm_sum=leaf_q if leaf_sq_norm_sum else None,
     )
     return stats, losses

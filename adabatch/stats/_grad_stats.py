@@ -7,7 +7,9 @@ example's loss, not divided by :math:`n`) a :class:`GradStats` holds
 * ``mean`` :math:`\bar g = \tfrac1n \sum_i g_i` (params-shaped),
 * ``sq_norm_sum`` :math:`q = \sum_i \lVert g_i \rVert^2` (scalar, over the **whole** parameter vector),
 * ``sq_sum`` :math:`S_2 = \sum_i g_i \odot g_i` (params-shaped, optional: coordinate-wise tests),
-* ``inner_sq_sum`` :math:`\sum_i \langle g_i, \bar g\rangle^2` (scalar, optional: inner-product tests).
+* ``inner_sq_sum`` :math:`\sum_i \langle g_i, \bar g\rangle^2` (scalar, optional: inner-product tests),
+* ``leaf_sq_norm_sum`` :math:`q_l = \sum_i \lVert g_{i,l}\rVert^2`, one scalar per parameter leaf :math:`l` (a pytree
+  of the params' structure with scalar leaves, optional: layer-wise methods such as CLARS); :math:`\sum_l q_l = q`.
 
 Every field but ``inner_sq_sum`` is a sum (``mean`` is ``S_1/n`` with ``S_1`` a sum), so the statistics of two
 disjoint groups of examples (micro-batches, devices) :func:`merge` exactly. ``inner_sq_sum`` depends on the mean of
@@ -27,6 +29,7 @@ Kolar 2024; McCandlish et al. 2018):
 :func:`coordinate_variance`     s²_j = (S2_j − n ḡ_j²)/(n−1)
 :func:`inner_product_variance`  Var̂(a) = (Σ a_i² − n‖ḡ‖⁴)/(n−1),  a_i = ⟨g_i, ḡ⟩
 :func:`orthogonal_variance`     V_⊥ = (q − Σ a_i²/‖ḡ‖²)/(n−1)
+:func:`leaf_norm_ratio`         ρ_l = ‖ḡ_l‖² / (q_l/n) per parameter leaf l
 ==============================  ==========================================================
 
 Variances are undefined for :math:`n < 2`: they are NaN there (never a division by :math:`n-1=0`), and the
@@ -55,6 +58,7 @@ __all__ = [
     "coordinate_variance",
     "from_per_example",
     "inner_product_variance",
+    "leaf_norm_ratio",
     "mean_sq_norm",
     "merge",
     "orthogonal_variance",
@@ -71,6 +75,7 @@ class GradStats(NamedTuple):
     sq_norm_sum: jax.Array  # float32[]: q = Σ_i ‖g_i‖² over the whole parameter vector
     sq_sum: Any = None  # params-shaped float32, or None: S2 = Σ_i g_i ⊙ g_i
     inner_sq_sum: jax.Array | None = None  # float32[], or None: Σ_i ⟨g_i, ḡ⟩²
+    leaf_sq_norm_sum: Any = None  # params-structured tree of float32[] scalars, or None: q_l = Σ_i ‖g_{i,l}‖² per leaf
 
 
 def _tree_sum(tree: Any) -> jax.Array:
@@ -97,7 +102,12 @@ def _unbiased(numerator: jax.Array, n: jax.Array) -> jax.Array:
 
 
 def from_per_example(
-    grads: Any, *, mask: jax.Array | None = None, sq_sum: bool = False, inner_sq_sum: bool = False
+    grads: Any,
+    *,
+    mask: jax.Array | None = None,
+    sq_sum: bool = False,
+    inner_sq_sum: bool = False,
+    leaf_sq_norm_sum: bool = False,
 ) -> GradStats:
     r"""Statistics of per-example gradients stacked on the leading axis of every leaf of ``grads``.
 
@@ -107,6 +117,8 @@ def from_per_example(
         statistic and are not counted.
       sq_sum: also compute :math:`S_2 = \sum_i g_i\odot g_i` (needed by the coordinate-wise test).
       inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (needed by the inner-product tests).
+      leaf_sq_norm_sum: also keep :math:`q_l = \sum_i\lVert g_{i,l}\rVert^2` for every leaf :math:`l` (needed by
+        layer-wise methods such as CLARS; the same per-leaf sums :math:`q` adds up, so it costs nothing extra).
 
     Returns:
       A :class:`GradStats` accumulated in float32 (float64 for float64 gradients).
@@ -135,7 +147,7 @@ def from_per_example(
     count = jnp.sum(weight)
     safe_count = jnp.maximum(count, 1)
     mean = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0) / safe_count, g)
-    per_example_sq = _tree_sum_rows(jax.tree_util.tree_map(jnp.square, g))
+    per_leaf = _leaf_sums(jax.tree_util.tree_map(lambda x: jnp.sum(jnp.square(x)), g))
     inner = None
     if inner_sq_sum:
         a = _tree_sum_rows(jax.tree_util.tree_map(lambda x, m: x * m, g, mean))
@@ -143,10 +155,17 @@ def from_per_example(
     return GradStats(
         count=count.astype(jnp.int32),
         mean=mean,
-        sq_norm_sum=jnp.sum(per_example_sq),
+        sq_norm_sum=per_leaf[0],
         sq_sum=jax.tree_util.tree_map(lambda x: jnp.sum(jnp.square(x), axis=0), g) if sq_sum else None,
         inner_sq_sum=inner,
+        leaf_sq_norm_sum=per_leaf[1] if leaf_sq_norm_sum else None,
     )
+
+
+def _leaf_sums(per_leaf: Any) -> tuple[jax.Array, Any]:
+    r"""``(q, per_leaf)``: the total :math:`q = \sum_l q_l` of a pytree of per-leaf scalars :math:`q_l` and the tree
+    itself (the one place where ``sq_norm_sum`` and ``leaf_sq_norm_sum`` are tied together, for every producer)."""
+    return _tree_sum(per_leaf), per_leaf
 
 
 def _tree_sum_rows(tree: Any) -> jax.Array:
@@ -159,7 +178,8 @@ def merge(a: GradStats, b: GradStats) -> GradStats:
     r"""Statistics of the union of two disjoint groups of examples, exact for every additive field.
 
     :math:`n = n_a + n_b`, :math:`\bar g = (n_a\bar g_a + n_b\bar g_b)/n`, :math:`q = q_a + q_b`,
-    :math:`S_2 = S_{2,a} + S_{2,b}` (None unless both groups have it). ``inner_sq_sum`` of the union needs
+    :math:`S_2 = S_{2,a} + S_{2,b}` and :math:`q_l = q_{l,a} + q_{l,b}` (each None unless both groups have it).
+    ``inner_sq_sum`` of the union needs
     :math:`\langle g_i, \bar g\rangle` against the *merged* mean, which the groups' statistics do not determine,
     so the result has ``inner_sq_sum=None``; compute it with a second pass over the examples (for instance
     :func:`adabatch.grad_stats` with ``inner_sq_sum=True``, which uses one forward-mode pass).
@@ -181,7 +201,12 @@ def merge(a: GradStats, b: GradStats) -> GradStats:
     sq_sum = None
     if a.sq_sum is not None and b.sq_sum is not None:
         sq_sum = jax.tree_util.tree_map(jnp.add, a.sq_sum, b.sq_sum)
-    return GradStats(count=n, mean=mean, sq_norm_sum=a.sq_norm_sum + b.sq_norm_sum, sq_sum=sq_sum)
+    leaf = None
+    if a.leaf_sq_norm_sum is not None and b.leaf_sq_norm_sum is not None:
+        leaf = jax.tree_util.tree_map(jnp.add, a.leaf_sq_norm_sum, b.leaf_sq_norm_sum)
+    return GradStats(
+        count=n, mean=mean, sq_norm_sum=a.sq_norm_sum + b.sq_norm_sum, sq_sum=sq_sum, leaf_sq_norm_sum=leaf
+    )
 
 
 def mean_sq_norm(stats: GradStats) -> jax.Array:
@@ -219,6 +244,50 @@ def b_simple(stats: GradStats) -> jax.Array:
     g2 = unbiased_grad_sq_norm(stats)
     ratio = trace / jnp.where(g2 > 0, g2, 1)
     return jnp.where(jnp.isnan(g2), jnp.nan, jnp.where(g2 > 0, ratio, jnp.inf))
+
+
+def leaf_norm_ratio(stats: GradStats, *, debias: bool = False) -> Any:
+    r"""Per parameter leaf :math:`l`, the ratio :math:`\rho_l` of the squared norm of the mean gradient to the mean
+    squared per-example norm (one scalar per leaf, a tree of the params' structure; the layer-wise factor of CLARS).
+
+    .. math:: \rho_l = \frac{\lVert\bar g_l\rVert^2}{\tfrac1b q_l} = \frac{\lVert\sum_i g_{i,l}\rVert^2}{b\,q_l}
+        \in [0, 1], \qquad q_l = \sum_i\lVert g_{i,l}\rVert^2
+
+    (:math:`\le 1` by Cauchy–Schwarz; clamped there against rounding). It is the plug-in estimate of
+    :math:`r_l = \lVert\nabla_l F\rVert^2 / \mathbb E\lVert\nabla_l f_i\rVert^2`, biased upwards by about
+    :math:`(1 - r_l)/b` because :math:`\mathbb E\lVert\bar g_l\rVert^2 = \lVert\nabla_l F\rVert^2 + \operatorname{tr}
+    \Sigma_l/b`. With ``debias`` the numerator is the unbiased :math:`(b\lVert\bar g_l\rVert^2 - q_l/b)/(b-1)`,
+    i.e. :math:`\tilde\rho_l = \operatorname{clip}((b\rho_l - 1)/(b - 1), 0, 1)`, for :math:`b \ge 2` (for
+    :math:`b < 2` the variance is unknown and the plug-in :math:`\rho_l` is kept).
+
+    A leaf whose per-example gradients are all zero (:math:`q_l = 0`) has :math:`\rho_l = 1`: the noise-free limit,
+    never 0/0. :math:`b\rho_l = \lVert\sum_i g_{i,l}\rVert^2/\sum_i\lVert g_{i,l}\rVert^2` is the inverse of the
+    layer's gradient diversity (Yin et al. 2018). Needs ``stats.leaf_sq_norm_sum``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adabatch.stats import from_per_example, leaf_norm_ratio
+      >>> g = {"a": jnp.array([[1.0, 1.0], [1.0, 1.0]]), "b": jnp.array([[1.0], [-1.0]]), "c": jnp.zeros((2, 1))}
+      >>> r = leaf_norm_ratio(from_per_example(g, leaf_sq_norm_sum=True))  # a: no noise, b: pure noise, c: zero
+      >>> [float(r[k]) for k in "abc"]
+      [1.0, 0.0, 1.0]
+    """
+    if stats.leaf_sq_norm_sum is None:
+        raise ValueError(
+            "leaf_norm_ratio needs GradStats.leaf_sq_norm_sum; compute the statistics with leaf_sq_norm_sum=True"
+        )
+
+    def ratio(mean: jax.Array, q: jax.Array) -> jax.Array:
+        dtype = jnp.result_type(q)
+        n = jnp.asarray(stats.count).astype(dtype)
+        mean_sq = jnp.sum(jnp.square(mean.astype(dtype)))  # ‖ḡ_l‖²
+        positive = q > 0
+        rho = jnp.where(positive, jnp.minimum(n * mean_sq / jnp.where(positive, q, 1), 1), 1)
+        if debias:
+            rho = jnp.where(n > 1, jnp.clip((n * rho - 1) / jnp.where(n > 1, n - 1, 1), 0, 1), rho)
+        return rho
+
+    return jax.tree.map(ratio, stats.mean, stats.leaf_sq_norm_sum)
 
 
 def coordinate_variance(stats: GradStats) -> Any:

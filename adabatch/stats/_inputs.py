@@ -5,12 +5,12 @@ either per-example gradients on the leading axis of ``updates``, or the mean gra
 :class:`~adabatch.stats.GradStats` as the ``grad_stats=`` extra argument. :func:`read_statistics` turns both into
 ``(mean updates, GradStats)`` and checks that the statistics fit.
 
-The optional fields of :class:`~adabatch.stats.GradStats` (:math:`\sum_i g_i\odot g_i` and
-:math:`\sum_i\langle g_i,\bar g\rangle^2`) cost extra, so such a transformation **declares** which ones it reads: its
-state has a field ``grad_stats_needs`` holding a :class:`GradStatsNeeds`. That value is *static* (a pytree node
-with no leaves), so it survives ``jax.jit``, ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-sharding and checkpoints unchanged, and :func:`declared_needs` reads the union of every declaration in any
-nesting of states with ``optax.tree_utils.tree_get_all_with_path``.
+The optional fields of :class:`~adabatch.stats.GradStats` (:math:`\sum_i g_i\odot g_i`, :math:`\sum_i\langle
+g_i,\bar g\rangle^2` and the per-leaf :math:`\sum_i\lVert g_{i,l}\rVert^2`) cost extra, so such a transformation
+**declares** which ones it reads: its state has a field ``grad_stats_needs`` holding a :class:`GradStatsNeeds`.
+That value is *static* (a pytree node with no leaves), so it survives ``jax.jit``, ``optax.chain``,
+``optax.inject_hyperparams``, ``optax.MultiSteps``, sharding and checkpoints unchanged, and :func:`declared_needs`
+reads the union of every declaration in any nesting of states with ``optax.tree_utils.tree_get_all_with_path``.
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ class GradStatsNeeds:
     Example:
       >>> from adabatch.stats import GradStatsNeeds
       >>> GradStatsNeeds(sq_sum=True) | GradStatsNeeds(inner_sq_sum=True)
-      GradStatsNeeds(sq_sum=True, inner_sq_sum=True)
+      GradStatsNeeds(sq_sum=True, inner_sq_sum=True, leaf_sq_norm_sum=False)
     """
 
     sq_sum: bool = False  # Σ_i g_i ⊙ g_i (coordinate-wise test, Adam-preconditioned noise scale, Eve)
     inner_sq_sum: bool = False  # Σ_i ⟨g_i, ḡ⟩² (inner-product, orthogonality and augmented tests)
+    leaf_sq_norm_sum: bool = False  # Σ_i ‖g_{i,l}‖² per parameter leaf l (CLARS)
 
     def __or__(self, other: GradStatsNeeds) -> GradStatsNeeds:
-        return GradStatsNeeds(self.sq_sum or other.sq_sum, self.inner_sq_sum or other.inner_sq_sum)
+        return GradStatsNeeds(*(getattr(self, f.name) or getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 def declared_needs(opt_state: Any) -> GradStatsNeeds:
@@ -57,7 +58,7 @@ def declared_needs(opt_state: Any) -> GradStatsNeeds:
       >>> from adabatch.stats import declared_needs
       >>> tx = optax.chain(adabatch.coordinate_norm_test(), optax.sgd(0.1))
       >>> declared_needs(tx.init(jnp.zeros(3)))
-      GradStatsNeeds(sq_sum=True, inner_sq_sum=False)
+      GradStatsNeeds(sq_sum=True, inner_sq_sum=False, leaf_sq_norm_sum=False)
     """
     needs = GradStatsNeeds()
     for _, found in optax.tree_utils.tree_get_all_with_path(opt_state, NEEDS_FIELD):
@@ -75,7 +76,9 @@ def read_statistics(
     check_floating_tree("updates", updates)
     if grad_stats is None:
         _per_example_size(updates, max_batch_size)
-        stats = from_per_example(updates, sq_sum=needs.sq_sum, inner_sq_sum=needs.inner_sq_sum)
+        stats = from_per_example(
+            updates, sq_sum=needs.sq_sum, inner_sq_sum=needs.inner_sq_sum, leaf_sq_norm_sum=needs.leaf_sq_norm_sum
+        )
         return jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates), stats
     check_grad_stats(grad_stats, updates, needs=needs)
     return updates, grad_stats
@@ -101,6 +104,19 @@ def check_grad_stats(grad_stats: Any, updates: Any, *, needs: GradStatsNeeds = G
         raise ValueError(
             "grad_stats.inner_sq_sum is None; this rule needs it (compute with grad_stats(..., inner_sq_sum=True))"
         )
+    if needs.leaf_sq_norm_sum:
+        if grad_stats.leaf_sq_norm_sum is None:
+            raise ValueError(
+                "grad_stats.leaf_sq_norm_sum is None; this transformation needs the per-leaf sums Σ_i ‖g_i,l‖² "
+                "(compute with grad_stats(..., leaf_sq_norm_sum=True) or from_per_example(..., leaf_sq_norm_sum=True))"
+            )
+        leaf_tree = jax.tree_util.tree_structure(grad_stats.leaf_sq_norm_sum)
+        shapes = {jnp.shape(x) for x in jax.tree_util.tree_leaves(grad_stats.leaf_sq_norm_sum)}
+        if leaf_tree != ours or shapes - {()}:  # type: ignore[operator]  # PyTreeDef has no stub (see above)
+            raise ValueError(
+                f"grad_stats.leaf_sq_norm_sum must have the tree of the updates with one scalar per leaf; got "
+                f"{leaf_tree} with leaf shapes {sorted(shapes)}"
+            )
 
 
 def _per_example_size(updates: Any, max_batch_size: Any) -> None:

@@ -97,6 +97,7 @@ def _chunked(
     *,
     sq_sum: bool,
     inner_sq_sum: bool,
+    leaf_sq_norm_sum: bool,
 ) -> tuple[GradStats, jax.Array]:
     """Accumulate ``chunk_fn(chunk, weights) -> (partial GradStats, losses)`` over chunks in one ``lax.scan``; the
     inner products against the final mean take one forward-mode pass per chunk (:func:`inner_products`)."""
@@ -106,21 +107,23 @@ def _chunked(
     acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
 
     def body(carry, chunk):
-        s1, q, s2, count = carry
+        s1, q, s2, leaf_q, count = carry
         part, losses = chunk_fn(*chunk)
         s1 = jax.tree_util.tree_map(lambda a, m: a + m * part.count.astype(acc), s1, part.mean)
         s2 = jax.tree_util.tree_map(jnp.add, s2, part.sq_sum) if sq_sum else s2
-        return (s1, q + part.sq_norm_sum, s2, count + part.count), losses
+        leaf_q = jax.tree_util.tree_map(jnp.add, leaf_q, part.leaf_sq_norm_sum) if leaf_sq_norm_sum else leaf_q
+        return (s1, q + part.sq_norm_sum, s2, leaf_q, count + part.count), losses
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), acc), params)
-    init = (zeros, jnp.zeros((), acc), zeros if sq_sum else None, jnp.zeros((), jnp.int32))
-    (s1, q, s2, count), losses = jax.lax.scan(body, init, (chunked, weights))
+    leaf_zeros = jax.tree_util.tree_map(lambda p: jnp.zeros((), acc), params) if leaf_sq_norm_sum else None
+    init = (zeros, jnp.zeros((), acc), zeros if sq_sum else None, leaf_zeros, jnp.zeros((), jnp.int32))
+    (s1, q, s2, leaf_q, count), losses = jax.lax.scan(body, init, (chunked, weights))
     mean = jax.tree_util.tree_map(lambda x: x / jnp.maximum(count, 1).astype(acc), s1)
     inner = None
     if inner_sq_sum:
         a = jax.lax.map(lambda xs: inner_products(loss_fn, params, xs, mean), chunked).reshape(padded)
         inner = jnp.sum(jnp.square(a.astype(acc)) * weights.reshape(padded).astype(acc))
-    stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner)
+    stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner, leaf_sq_norm_sum=leaf_q)
     return stats, losses.reshape(padded)[:b]
 
 
@@ -134,6 +137,7 @@ def grad_stats(
     mask: jax.Array | None = None,
     sq_sum: bool = False,
     inner_sq_sum: bool = False,
+    leaf_sq_norm_sum: bool = False,
     return_losses: bool = False,
     num_microbatches: int | None = None,
     return_report: bool = False,
@@ -165,6 +169,9 @@ def grad_stats(
       mask: optional ``(b,)`` weights in {0, 1}: examples with weight 0 (padding) are ignored and not counted.
       sq_sum: also accumulate :math:`S_2=\sum_i g_i\odot g_i` (coordinate-wise tests).
       inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests).
+      leaf_sq_norm_sum: also keep :math:`q_l=\sum_i\lVert g_{i,l}\rVert^2` for every parameter leaf :math:`l`
+        (layer-wise methods such as CLARS); exact with ``"vmap"`` and ``"ghost"``, at no extra cost. Not available
+        with ``"microbatch"`` (a ``ValueError``): group means give no per-example norms.
       return_losses: also return the ``(b,)`` per-example losses.
       num_microbatches: number of groups :math:`k\ge 2` for ``"microbatch"`` (default
         ``min(8, b)``); ignored by the other methods.
@@ -194,6 +201,11 @@ def grad_stats(
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
     if method == "microbatch":
+        if leaf_sq_norm_sum:
+            raise ValueError(
+                "leaf_sq_norm_sum=True needs per-example gradient norms, which method='microbatch' (group means) does "
+                "not give; use method='ghost', 'vmap' or 'auto'"
+            )
         k = min(DEFAULT_MICROBATCHES, b) if num_microbatches is None else num_microbatches
         stats, losses = microbatch_grad_stats(
             loss_fn, params, batch, k, mask=mask, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
@@ -210,14 +222,26 @@ def grad_stats(
             report = plan.report()
 
             def chunk_fn(xs, w, inner=False):
-                return ghost_stats(plan, single, params, xs, w, sq_sum=sq_sum, inner_sq_sum=inner)
+                return ghost_stats(
+                    plan,
+                    single,
+                    params,
+                    xs,
+                    w,
+                    sq_sum=sq_sum,
+                    inner_sq_sum=inner,
+                    leaf_sq_norm_sum=leaf_sq_norm_sum,
+                )
 
         else:
             report = dict.fromkeys(paths, "vmap")
 
             def chunk_fn(xs, w, inner=False):
                 grads, losses = per_example_grads(loss_fn, params, xs, return_losses=True)
-                return from_per_example(grads, mask=w, sq_sum=sq_sum, inner_sq_sum=inner), losses
+                stats = from_per_example(
+                    grads, mask=w, sq_sum=sq_sum, inner_sq_sum=inner, leaf_sq_norm_sum=leaf_sq_norm_sum
+                )
+                return stats, losses
 
         if chunk_size is None or chunk_size >= b:
             weights = mask
@@ -226,7 +250,16 @@ def grad_stats(
             stats, losses = chunk_fn(batch, weights, inner_sq_sum)
         else:
             stats, losses = _chunked(
-                chunk_fn, loss_fn, params, batch, mask, b, chunk_size, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
+                chunk_fn,
+                loss_fn,
+                params,
+                batch,
+                mask,
+                b,
+                chunk_size,
+                sq_sum=sq_sum,
+                inner_sq_sum=inner_sq_sum,
+                leaf_sq_norm_sum=leaf_sq_norm_sum,
             )
     out: tuple[Any, ...] = (stats,)
     if return_losses:
