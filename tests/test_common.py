@@ -2,8 +2,8 @@
 
 The registry holds every public factory that returns an ``optax.GradientTransformation`` (checked against the
 public names by :func:`test_registry_covers_every_public_transformation`), each with the arguments of one instance and
-the inputs its ``update`` needs: per-example gradients on the leading axis, or the mean gradient plus the
-``grad_stats=`` extra argument, and/or the ``batch_size=`` extra argument.
+the inputs its ``update`` needs: per-example gradients on the leading axis (built with ``per_example=True``), or
+the mean gradient plus the ``grad_stats=`` extra argument, and/or the ``batch_size=`` extra argument.
 """
 
 from __future__ import annotations
@@ -38,21 +38,22 @@ class Entry:
 
 
 RULE_KW = dict(max_batch_size=1024, init_batch_size=8)
+PE_KW = dict(RULE_KW, per_example=True)  # per-example gradients on the leading axis of updates
 PE, GS = "per_example", "grad_stats"
 SCHEDULE = optax.linear_schedule(1.0, 0.5, transition_steps=10_000)  # in examples seen
 REGISTRY = {
     # rules (adabatch.rules)
-    "norm_test": Entry(rules.norm_test, dict(eta=0.5, **RULE_KW), stats=PE, step=0.05),
-    "inner_product_test": Entry(rules.inner_product_test, dict(theta=0.5, **RULE_KW), stats=PE, step=0.05),
-    "orthogonality_test": Entry(rules.orthogonality_test, dict(nu=0.5, **RULE_KW), stats=PE, step=0.05),
+    "norm_test": Entry(rules.norm_test, dict(eta=0.5, **PE_KW), stats=PE, step=0.05),
+    "inner_product_test": Entry(rules.inner_product_test, dict(theta=0.5, **PE_KW), stats=PE, step=0.05),
+    "orthogonality_test": Entry(rules.orthogonality_test, dict(nu=0.5, **PE_KW), stats=PE, step=0.05),
     "augmented_inner_product_test": Entry(
-        rules.augmented_inner_product_test, dict(theta=0.5, nu=0.5, **RULE_KW), stats=PE, step=0.05
+        rules.augmented_inner_product_test, dict(theta=0.5, nu=0.5, **PE_KW), stats=PE, step=0.05
     ),
-    "coordinate_norm_test": Entry(rules.coordinate_norm_test, dict(eta=0.5, **RULE_KW), stats=PE, step=0.05),
+    "coordinate_norm_test": Entry(rules.coordinate_norm_test, dict(eta=0.5, **PE_KW), stats=PE, step=0.05),
     "noise_scale_rule": Entry(rules.noise_scale_rule, dict(decay=0.9, **RULE_KW), stats=GS, step=0.05),
     "optimal_batch_rule": Entry(
         rules.optimal_batch_rule,
-        dict(num_examples=64, smoothness=4.0, max_smoothness=16.0, strong_convexity=0.5, accuracy=0.01, **RULE_KW),
+        dict(num_examples=64, smoothness=4.0, max_smoothness=16.0, strong_convexity=0.5, accuracy=0.01, **PE_KW),
         stats=PE,
         step=0.05,
     ),
@@ -65,8 +66,8 @@ REGISTRY = {
     "adagrad": Entry(optimizers.adagrad, dict(learning_rate=0.5)),
     "adagrad_norm": Entry(optimizers.adagrad_norm, dict(learning_rate=0.5)),
     "adabelief": Entry(optimizers.adabelief, dict(learning_rate=0.05)),
-    "adadagrad": Entry(optimizers.adadagrad, dict(learning_rate=0.5, eta=0.5, **RULE_KW), stats=PE),
-    "adadagrad_norm": Entry(optimizers.adadagrad_norm, dict(learning_rate=0.5, eta=0.5, **RULE_KW), stats=PE),
+    "adadagrad": Entry(optimizers.adadagrad, dict(learning_rate=0.5, eta=0.5, **PE_KW), stats=PE),
+    "adadagrad_norm": Entry(optimizers.adadagrad_norm, dict(learning_rate=0.5, eta=0.5, **PE_KW), stats=PE),
     "scale_by_eve": Entry(optimizers.scale_by_eve, dict(), stats=GS, step=0.05),
     "eve": Entry(optimizers.eve, dict(learning_rate=0.05), stats=GS),
     "evew": Entry(optimizers.evew, dict(learning_rate=0.05), stats=GS),
@@ -359,3 +360,75 @@ def test_converges_on_a_small_problem(name):
     _, out = _compositions(name)
     start = float(jnp.mean(_convergence_losses(_params(), jnp.arange(64))))
     assert float(jnp.mean(_convergence_losses(out["descended"], jnp.arange(64)))) < 0.05 * start
+
+
+def _takes_per_example(entry):
+    return "per_example" in inspect.signature(entry.factory).parameters
+
+
+TWO_ENTRY_POINTS = sorted(name for name, entry in REGISTRY.items() if _takes_per_example(entry))
+GRAD_STATS_ONLY = sorted(name for name, entry in REGISTRY.items() if entry.stats and not _takes_per_example(entry))
+
+
+def test_statistics_readers_declare_per_example_input():
+    """Every transformation that reads per-example statistics takes them as ``grad_stats=`` by default (the optax
+    convention: ``updates`` is the mean gradient) and per-example ``updates`` only when built with
+    ``per_example=True``; the only exceptions have ``grad_stats=`` as their single entry point."""
+    assert GRAD_STATS_ONLY == ["adascale", "scale_by_batch_size_surge"]
+    for name in TWO_ENTRY_POINTS:
+        entry = REGISTRY[name]
+        assert entry.stats, name
+        parameter = inspect.signature(entry.factory).parameters["per_example"]
+        assert parameter.default is False and parameter.kind == parameter.KEYWORD_ONLY, name
+
+
+@pytest.mark.parametrize("name", TWO_ENTRY_POINTS)
+def test_mean_gradient_without_grad_stats_is_refused(name):
+    """The mean gradient (or per-example gradients) without ``grad_stats=`` and without ``per_example=True`` is
+    refused with a ``ValueError`` that names both ways out, never misread as per-example gradients."""
+    entry = REGISTRY[name]
+    tx = entry.factory(**{k: v for k, v in entry.kwargs.items() if k != "per_example"})
+    params = _params()
+    per_example = _per_example(params)
+    mean, extra = _inputs(entry, per_example, via="mean")  # neither per-example nor grad_stats=
+    for updates in (mean, per_example):
+        with pytest.raises(ValueError, match=r"(?s)without grad_stats=.*per_example=True"):
+            tx.update(updates, tx.init(params), params, **extra)
+    with pytest.raises(ValueError, match="per_example"):
+        entry.factory(**{**entry.kwargs, "per_example": "yes"})
+
+
+@pytest.mark.parametrize("name", TWO_ENTRY_POINTS)
+def test_per_example_equals_grad_stats(name):
+    """``per_example=True`` on per-example gradients gives exactly the updates and states of the default
+    (``grad_stats=`` of the same gradients, with their mean as ``updates``), over two updates."""
+    entry = REGISTRY[name]
+    params = _params()
+    pe = entry.factory(**{**entry.kwargs, "per_example": True})
+    gs = entry.factory(**{**entry.kwargs, "per_example": False})
+    pe_state, gs_state = pe.init(params), gs.init(params)
+    needs = stats.declared_needs(gs_state)
+    extra = {"batch_size": jnp.int32(B)} if entry.batch_size else {}
+    for seed in range(2):
+        g = _per_example(params, seed)
+        s = stats.from_per_example(
+            g, sq_sum=needs.sq_sum, inner_sq_sum=needs.inner_sq_sum, leaf_sq_norm_sum=needs.leaf_sq_norm_sum
+        )
+        pe_updates, pe_state = pe.update(g, pe_state, params, **extra)
+        gs_updates, gs_state = gs.update(s.mean, gs_state, params, grad_stats=s, **extra)
+        assert _dtypes(pe_updates) == _dtypes(gs_updates) and _dtypes(pe_state) == _dtypes(gs_state)
+        for a, b in zip(
+            jax.tree_util.tree_leaves((pe_updates, pe_state)),
+            jax.tree_util.tree_leaves((gs_updates, gs_state)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("name", GRAD_STATS_ONLY)
+def test_grad_stats_only_transformations_refuse_a_missing_grad_stats(name):
+    entry = REGISTRY[name]
+    tx, params = entry.make(), _params()
+    mean, extra = _inputs(entry, _per_example(params), via="mean")
+    with pytest.raises(ValueError, match="grad_stats"):
+        tx.update(mean, tx.init(params), params, **extra)

@@ -121,7 +121,7 @@ def numpy_tracker(batches, decay, adam=False, b2=0.999, eps=1e-8, after=0):
 def test_tracker_matches_numpy(entry):
     rng = np.random.default_rng(4)
     batches = [rng.normal(0.8, 1.0, size=(n, D)) for n in (8, 16, 5, 32, 12, 64)]
-    tx = noise_scale(decay=0.8)
+    tx = noise_scale(decay=0.8, per_example=entry == "per_example")
     update = jax.jit(tx.update)
     state = tx.init(jnp.zeros(D))
     for g, (trace, g2, bs, step) in zip(batches, numpy_tracker(batches, 0.8), strict=True):
@@ -169,7 +169,7 @@ def test_clamping_and_flags_never_nan():
     # Zero-mean noise: the unbiased ‖G‖² is negative -> B_simple clamped at the upper bound and flagged.
     noise = np.random.default_rng(6).normal(size=(16, D))
     noise -= noise.mean(0) - 1e-3
-    tx = noise_scale(decay=0.0, max_noise_scale=1e6)
+    tx = noise_scale(decay=0.0, max_noise_scale=1e6, per_example=True)
     _, state = tx.update(jnp.asarray(noise, jnp.float32), tx.init(jnp.zeros(D)))
     assert float(state.grad_sq_norm) < 0
     assert float(state.b_simple) == 1e6 and bool(state.clamped) and int(state.clamped_count) == 1
@@ -282,5 +282,5 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="multiplier"):
         noise_scale_rule(multiplier=0.0)
     with pytest.raises(ValueError, match="at least 2 examples"):
-        tx = noise_scale()
+        tx = noise_scale(per_example=True)
         tx.update(jnp.ones((1, 3)), tx.init(jnp.zeros(3)))

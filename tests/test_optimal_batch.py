@@ -167,7 +167,8 @@ def _compiled(static_items, feed_name):
 
     @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def run(p0, curv, noise, masks, hp):
-        tx = optax.chain(optimal_batch_rule(**static, **hp, apply_step_size=True), optax.scale(-1.0))
+        rule = optimal_batch_rule(**static, **hp, apply_step_size=True, per_example=feed is None)
+        tx = optax.chain(rule, optax.scale(-1.0))
 
         def body(carry, inputs):
             p, state = carry
@@ -261,7 +262,7 @@ def test_formulas_by_hand():
 
 
 def test_returns_the_mean_and_keeps_the_step_size_in_the_state():
-    tx = optimal_batch_rule(**CONSTANTS, decay=0.0)
+    tx = optimal_batch_rule(**CONSTANTS, decay=0.0, per_example=True)
     g = {"w": jnp.array([[1.0, 2.0], [3.0, -2.0], [0.0, 1.0]])}
     mean, state = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
     np.testing.assert_allclose(mean["w"], np.asarray(g["w"]).mean(0), rtol=1e-6)

@@ -49,7 +49,7 @@ def test_scaling_all_gradients_leaves_the_norm_test_decision_unchanged(grads, c)
     # In float64: the property is exact, and float32's cancellation in q − n‖ḡ‖² (documented in docs/grad_stats.md)
     # would otherwise blur b* by ~1e-4 relative when the gradients share a large mean.
     with jax.enable_x64(True):
-        tx = adabatch.norm_test(0.2, max_batch_size=10**6)
+        tx = adabatch.norm_test(0.2, max_batch_size=10**6, per_example=True)
         params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), grads)
         base = tx.update(jax.tree_util.tree_map(jnp.asarray, grads), tx.init(params))[1]
         scaled = tx.update(jax.tree_util.tree_map(lambda x: jnp.asarray(c * x), grads), tx.init(params))[1]
@@ -62,7 +62,7 @@ def test_scaling_all_gradients_leaves_the_norm_test_decision_unchanged(grads, c)
 def test_decisions_never_shrink(grads, data):
     current = data.draw(hst.integers(2, 512))
     for make in (adabatch.norm_test, adabatch.inner_product_test, adabatch.orthogonality_test):
-        tx = make(max_batch_size=512, init_batch_size=current)
+        tx = make(max_batch_size=512, init_batch_size=current, per_example=True)
         params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), grads)
         state = tx.update(jax.tree_util.tree_map(jnp.asarray, grads), tx.init(params))[1]
         assert current <= int(state.next_batch_size) <= 512

@@ -16,12 +16,14 @@ from adabatch import stats as st
 from tests import reference as ref
 from tests.conftest import random_per_example
 
-RULES = {
-    "norm": lambda **kw: adabatch.norm_test(0.3, **kw),
-    "inner_product": lambda **kw: adabatch.inner_product_test(0.4, **kw),
-    "orthogonality": lambda **kw: adabatch.orthogonality_test(0.6, **kw),
-    "augmented_inner_product": lambda **kw: adabatch.augmented_inner_product_test(0.4, 0.6, **kw),
-    "coordinate_norm": lambda **kw: adabatch.coordinate_norm_test(0.3, **kw),
+RULES = {  # per-example gradients on the leading axis of updates unless per_example=False is passed
+    "norm": lambda **kw: adabatch.norm_test(0.3, **{"per_example": True, **kw}),
+    "inner_product": lambda **kw: adabatch.inner_product_test(0.4, **{"per_example": True, **kw}),
+    "orthogonality": lambda **kw: adabatch.orthogonality_test(0.6, **{"per_example": True, **kw}),
+    "augmented_inner_product": lambda **kw: adabatch.augmented_inner_product_test(
+        0.4, 0.6, **{"per_example": True, **kw}
+    ),
+    "coordinate_norm": lambda **kw: adabatch.coordinate_norm_test(0.3, **{"per_example": True, **kw}),
 }
 CONSTANTS = {"eta": 0.3, "theta": 0.4, "nu": 0.6}
 PARAMS = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4), "c": jnp.zeros(2)}
@@ -82,7 +84,7 @@ def test_thresholds_are_the_smallest_passing_constants():
         # At the threshold the test asks for exactly the current batch.
         at = {"norm": adabatch.norm_test, "inner_product": adabatch.inner_product_test}.get(test)
         if at is not None:
-            tx = at(value * (1 + 1e-4))
+            tx = at(value * (1 + 1e-4), per_example=True)
             assert int(tx.update(grads, tx.init(PARAMS))[1].next_batch_size) == b
     state = RULES["augmented_inner_product"]().update(grads, RULES["augmented_inner_product"]().init(PARAMS))[1]
     np.testing.assert_allclose(state.threshold, [expected["inner_product"], expected["orthogonality"]], rtol=1e-5)
@@ -91,7 +93,9 @@ def test_thresholds_are_the_smallest_passing_constants():
 @pytest.mark.parametrize("aggregation", ["max", "mean"])
 def test_coordinate_aggregations(aggregation):
     grads = _grads(5, 12, 0.4)
-    tx = adabatch.coordinate_norm_test(0.5, aggregation=aggregation, max_batch_size=10**6, init_batch_size=2)
+    tx = adabatch.coordinate_norm_test(
+        0.5, aggregation=aggregation, max_batch_size=10**6, init_batch_size=2, per_example=True
+    )
     state = tx.update(grads, tx.init(PARAMS))[1]
     required = ref.required_batch("coordinate_norm", _flat(grads), eta=0.5, aggregation=aggregation)
     assert int(state.next_batch_size) == ref.next_batch_size(required, 2, 12, 10**6)
@@ -101,28 +105,46 @@ def test_coordinate_quantile_and_guard():
     grads = {"w": jnp.array([[1.0, 1e-6, 2.0], [3.0, -1e-6, 1.0], [2.0, 3e-6, 0.0]])}
     G = np.asarray(grads["w"], np.float64)
     ratios = G.var(axis=0, ddof=1) / G.mean(axis=0) ** 2
-    tx = adabatch.coordinate_norm_test(1.0, aggregation="quantile", quantile=0.5, max_batch_size=1024)
+    tx = adabatch.coordinate_norm_test(1.0, aggregation="quantile", quantile=0.5, max_batch_size=1024, per_example=True)
     state = tx.update(grads, tx.init({"w": jnp.zeros(3)}))[1]
     # The middle coordinate is below the guard; the median of the two others is their mean.
     np.testing.assert_allclose(float(state.statistic) * 3, (ratios[0] + ratios[2]) / 2, rtol=1e-5)
 
 
 def test_grad_stats_entry_point_gives_the_same_decision():
+    """``per_example=True`` on per-example gradients and the default (``grad_stats=`` with the mean) from the same
+    gradients give exactly the same state; ``grad_stats=`` also takes precedence with ``per_example=True``."""
     grads = _grads(6, 24, 0.2)
     s = st.from_per_example(grads, sq_sum=True, inner_sq_sum=True)
-    mean = jax.tree_util.tree_map(lambda x: jnp.mean(x, 0), grads)
     for test, make in RULES.items():
-        tx = make(max_batch_size=2048)
-        a = tx.update(grads, tx.init(PARAMS))[1]
-        out, b = tx.update(mean, tx.init(PARAMS), grad_stats=s)
-        assert out is mean, test
-        assert int(a.next_batch_size) == int(b.next_batch_size), test
-        np.testing.assert_allclose(a.statistic, b.statistic, rtol=1e-6)
+        per_example, optax_convention = make(max_batch_size=2048), make(max_batch_size=2048, per_example=False)
+        mean, a = per_example.update(grads, per_example.init(PARAMS))
+        out, b = optax_convention.update(s.mean, optax_convention.init(PARAMS), grad_stats=s)
+        out2, c = per_example.update(s.mean, per_example.init(PARAMS), grad_stats=s)
+        assert out is s.mean and out2 is s.mean, test
+        for x, y, z in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b, c)), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=test)
+            np.testing.assert_array_equal(x, z, err_msg=test)
+        for x, y in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(s.mean), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=test)
+
+
+@pytest.mark.parametrize("test", RULES)
+def test_mean_gradient_without_grad_stats_is_refused(test):
+    """The optax convention (the default ``per_example=False``): a mean gradient alone is refused with a message
+    naming both ways out, never read as per-example gradients (a (3, 4) leaf would look like 3 examples)."""
+    tx = RULES[test](per_example=False)
+    mean = jax.tree_util.tree_map(lambda x: jnp.mean(x, 0), _grads(0, 8))
+    with pytest.raises(ValueError, match=r"(?s)grad_stats=.*per_example=True") as info:
+        tx.update(mean, tx.init(PARAMS))
+    assert f"{test}_test" in str(info.value)
+    with pytest.raises(ValueError, match="per_example"):
+        RULES[test](per_example=1)
 
 
 def test_never_shrinks_caps_and_interval():
     noisy, clean = _grads(7, 8, 0.05), _grads(8, 8, 5.0, scale=0.01)
-    tx = adabatch.norm_test(0.1, max_batch_size=96, granularity=8, init_batch_size=8, test_interval=2)
+    tx = adabatch.norm_test(0.1, max_batch_size=96, granularity=8, init_batch_size=8, test_interval=2, per_example=True)
     update = jax.jit(tx.update)
     state = tx.init(PARAMS)
     sizes = []
@@ -131,7 +153,7 @@ def test_never_shrinks_caps_and_interval():
         sizes.append(int(state.next_batch_size))
     # Test at updates 0, 2, 4 only; noise drives it to the cap; clean gradients never shrink it.
     assert sizes == [96, 96, 96, 96, 96]
-    tx = adabatch.norm_test(0.1, max_batch_size=96, granularity=8, init_batch_size=8, test_interval=2)
+    tx = adabatch.norm_test(0.1, max_batch_size=96, granularity=8, init_batch_size=8, test_interval=2, per_example=True)
     state = tx.init(PARAMS)
     sizes = []
     for grads in (clean, noisy, clean):
@@ -181,7 +203,7 @@ def test_next_batch_size_finds_the_decision_in_any_nesting():
 
 
 def test_inject_hyperparams_changes_eta_without_retracing():
-    tx = optax.inject_hyperparams(adabatch.norm_test)(eta=0.3, max_batch_size=4096)
+    tx = optax.inject_hyperparams(adabatch.norm_test)(eta=0.3, max_batch_size=4096, per_example=True)
     grads = _grads(10, 8, 0.3)
     state = tx.init(PARAMS)
     update = jax.jit(tx.update)
@@ -219,7 +241,7 @@ def test_bad_constructor_arguments(make, match):
 
 
 def test_bad_update_inputs():
-    tx = adabatch.norm_test(max_batch_size=64)
+    tx = adabatch.norm_test(max_batch_size=64, per_example=True)
     state = tx.init(PARAMS)
     with pytest.raises(ValueError, match="at least 2 examples"):
         tx.update(_grads(0, 1), state)

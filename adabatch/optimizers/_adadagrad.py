@@ -2,9 +2,10 @@ r"""AdAdaGrad and AdAdaGrad-Norm: an adaptive batch-size test and the AdaGrad up
 
 ``adadagrad_norm`` is ``optax.chain(<test>, adagrad_norm(...))`` with the norm test by default;
 ``adadagrad`` is ``optax.chain(<test>, adagrad(...))`` with the coordinate-wise norm test by default (the
-paper's coordinate-wise variant for coordinate-wise AdaGrad). The test comes first, so the chain accepts
-per-example gradients on the leading axis of ``updates`` (or the mean gradient plus ``grad_stats=``), and the
-AdaGrad step sees the mean gradient. The decision is read with :func:`adabatch.next_batch_size`.
+paper's coordinate-wise variant for coordinate-wise AdaGrad). The test comes first, so the chain takes what the
+test takes: the mean gradient plus ``grad_stats=`` (the default, the optax convention), or, built with
+``per_example=True``, per-example gradients on the leading axis of ``updates``; the AdaGrad step sees the mean
+gradient. The decision is read with :func:`adabatch.next_batch_size`.
 
 References:
   Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods", 2024,
@@ -30,7 +31,7 @@ _TESTS = {
     "orthogonality": lambda a: rules.orthogonality_test(a["nu"], **_shared(a)),
     "augmented_inner_product": lambda a: rules.augmented_inner_product_test(a["theta"], a["nu"], **_shared(a)),
 }
-_SHARED = ("max_batch_size", "init_batch_size", "granularity", "test_interval")
+_SHARED = ("max_batch_size", "init_batch_size", "granularity", "test_interval", "per_example")
 
 
 def _shared(args: dict) -> dict:
@@ -57,6 +58,7 @@ def adadagrad_norm(
     init_batch_size: int = rules.DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
     initial_accumulator_value: float = 1e-2,
     eps: float = 1e-10,
     per: str = "global",
@@ -73,20 +75,27 @@ def adadagrad_norm(
       test: ``"norm"`` (default), ``"coordinate_norm"``, ``"inner_product"``, ``"orthogonality"`` or
         ``"augmented_inner_product"``.
       eta, theta, nu, aggregation, quantile, guard: the test's constants (see the rules).
-      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
+      max_batch_size, init_batch_size, granularity, test_interval, per_example: as in :func:`adabatch.norm_test`
+        (``per_example=False``, the default: ``update`` requires ``grad_stats=``).
       initial_accumulator_value, eps, per: as in :func:`adabatch.adagrad_norm`.
 
     Returns:
-      ``optax.chain(test, adagrad_norm)`` taking per-example gradients (or the mean plus ``grad_stats=``).
+      ``optax.chain(test, adagrad_norm)`` taking the mean gradient plus ``grad_stats=`` (or, with
+      ``per_example=True``, per-example gradients).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import adabatch
       >>> tx = adabatch.adadagrad_norm(0.5, eta=0.5, max_batch_size=256, granularity=8)
-      >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 0.1}
-      >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
+      >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 0.1}  # 16 per-example gradients
+      >>> stats = adabatch.stats.from_per_example(g)  # or adabatch.grad_stats(loss_fn, params, batch)
+      >>> updates, state = tx.update(stats.mean, tx.init({"w": jnp.zeros(3)}), grad_stats=stats)
       >>> updates["w"].shape, int(adabatch.next_batch_size(state)) % 8
       ((3,), 0)
+      >>> tx.update(stats.mean, tx.init({"w": jnp.zeros(3)}))  # the mean alone: refused, not misread
+      Traceback (most recent call last):
+      ...
+      ValueError: norm_test reads per-example statistics but got updates without grad_stats=. ...
     """
     return optax.chain(_rule(locals()), adagrad_norm(learning_rate, initial_accumulator_value, eps, per=per))
 
@@ -105,6 +114,7 @@ def adadagrad(
     init_batch_size: int = rules.DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
 ) -> optax.GradientTransformationExtraArgs:
@@ -118,16 +128,18 @@ def adadagrad(
       test: ``"coordinate_norm"`` (default), ``"norm"``, ``"inner_product"``, ``"orthogonality"`` or
         ``"augmented_inner_product"``.
       eta, theta, nu, aggregation, quantile, guard: the test's constants (see the rules).
-      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
+      max_batch_size, init_batch_size, granularity, test_interval, per_example: as in :func:`adabatch.norm_test`
+        (``per_example=False``, the default: ``update`` requires ``grad_stats=``).
       initial_accumulator_value, eps: as in :func:`adabatch.adagrad`.
 
     Returns:
-      ``optax.chain(test, adagrad)`` taking per-example gradients (or the mean plus ``grad_stats=``).
+      ``optax.chain(test, adagrad)`` taking the mean gradient plus ``grad_stats=`` (or, with
+      ``per_example=True``, per-example gradients).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.adadagrad(0.1, eta=0.5, max_batch_size=256)
+      >>> tx = adabatch.adadagrad(0.1, eta=0.5, max_batch_size=256, per_example=True)
       >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 3)) + 1.0}
       >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(3)}))
       >>> updates["w"].shape, int(adabatch.next_batch_size(state)) >= 16

@@ -43,14 +43,6 @@ class ScaleByClarsState(NamedTuple):
     grad_stats_needs: GradStatsNeeds  # static (no leaves): Σ_i ‖g_{i,l}‖² per leaf (leaf_sq_norm_sum=True)
 
 
-_MISSING_STATS = (
-    "scale_by_clars needs per-example statistics: pass the mean gradient as updates together with "
-    "grad_stats=adabatch.GradStats holding leaf_sq_norm_sum (adabatch.grad_stats(..., leaf_sq_norm_sum=True)), or "
-    "pass per-example gradients on the leading axis of updates and build the transformation with per_example=True. "
-    "A mean gradient alone cannot give the layer-wise ratios."
-)
-
-
 def scale_by_clars(
     *,
     linear_scaling: bool = True,
@@ -139,9 +131,9 @@ def scale_by_clars(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByClarsState]:
         del params, extra_args
-        if grad_stats is None and not per_example:
-            raise ValueError(_MISSING_STATS)
-        updates, stats = read_statistics(updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=_NEEDS)
+        updates, stats = read_statistics(
+            updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=_NEEDS, per_example=per_example, name="scale_by_clars"
+        )
         ratio = leaf_norm_ratio(stats, debias=debias)
         scale = ratio
         if linear_scaling:

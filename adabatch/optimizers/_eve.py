@@ -40,14 +40,6 @@ class ScaleByEveState(NamedTuple):
     grad_stats_needs: GradStatsNeeds  # static (no leaves): Σ g_i ⊙ g_i (sq_sum=True)
 
 
-_MISSING_STATS = (
-    "scale_by_eve needs examplewise statistics: pass the mean gradient as updates together with "
-    "grad_stats=adabatch.GradStats holding sq_sum (adabatch.grad_stats(..., sq_sum=True), or let "
-    "adabatch.make_train_step supply it), or pass per-example gradients on the leading axis of updates and build "
-    "the transformation with per_example=True. A mean gradient alone cannot give Eve's second moment."
-)
-
-
 def scale_by_eve(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -139,16 +131,12 @@ def scale_by_eve(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByEveState]:
         del params, extra_args
-        if grad_stats is None and not per_example:
-            raise ValueError(_MISSING_STATS)
         out_dtypes = jax.tree.map(jnp.result_type, updates)
-        if grad_stats is None:
-            # Per-example path: the mean and Σ g_i² of the leading axis, accumulated in >= float32 (the mean is
-            # taken from the statistics, not rounded back to the gradients' dtype).
-            _, stats = read_statistics(updates, None, jnp.iinfo(jnp.int32).max, needs=_NEEDS)
+        mean, stats = read_statistics(
+            updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=_NEEDS, per_example=per_example, name="scale_by_eve"
+        )
+        if grad_stats is None:  # per-example updates: the >= float32 mean, not rounded to the gradients' dtype
             mean = stats.mean
-        else:
-            mean, stats = read_statistics(updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=_NEEDS)
         count = optax.safe_increment(state.count)
         scalars: dict[jnp.dtype, tuple[jax.Array, ...]] = {}
 

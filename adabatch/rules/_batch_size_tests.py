@@ -22,9 +22,11 @@ A zero mean gradient gives :math:`b^\star=\infty` (the batch goes to ``max_batch
 non-finite statistic (NaN/inf gradients, or a batch of one example) leaves the decision unchanged and increments
 ``nonfinite_count``.
 
-Each rule accepts either per-example gradients on the leading axis of ``updates`` (and returns their mean), or
-the mean gradient as ``updates`` plus a ``grad_stats=`` extra argument (a :class:`~adabatch.stats.GradStats`,
-returned unchanged). One function, :func:`decide`, computes the decision for both entry points.
+Each rule takes the mean gradient as ``updates`` plus a ``grad_stats=`` extra argument (a
+:class:`~adabatch.stats.GradStats`; ``updates`` are returned unchanged), the optax convention and the default; or,
+built with ``per_example=True``, per-example gradients on the leading axis of ``updates`` (returning their mean).
+:func:`adabatch.stats.read_statistics` reads both entry points (and refuses a mean gradient without
+``grad_stats=``); one function, :func:`decide`, computes the decision for both.
 
 References:
   Lau, Liu, Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods", 2024,
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from adabatch import stats as st
-from adabatch._validation import check_choice, check_positive, check_unit_interval
+from adabatch._validation import check_choice, check_flag, check_positive, check_unit_interval
 from adabatch.rules._common import (
     DEFAULT_INIT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
@@ -186,10 +188,17 @@ def decide(
 
 
 def _make_test(
-    test: str, max_batch_size: Any, init_batch_size: Any, granularity: Any, test_interval: Any, **constants: Any
+    test: str,
+    max_batch_size: Any,
+    init_batch_size: Any,
+    granularity: Any,
+    test_interval: Any,
+    per_example: bool,
+    **constants: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """The transformation of one test; the public factories validate their constants and call this."""
     check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
+    check_flag("per_example", per_example)
     hp = dict(max_batch_size=max_batch_size, granularity=granularity, test_interval=test_interval, **constants)
     needs = GradStatsNeeds(
         sq_sum=test == "coordinate_norm",
@@ -212,7 +221,9 @@ def _make_test(
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = read_statistics(updates, grad_stats, max_batch_size, needs=needs)
+        updates, stats = read_statistics(
+            updates, grad_stats, max_batch_size, needs=needs, per_example=per_example, name=f"{test}_test"
+        )
         return updates, decide(test, stats, state, **hp)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -224,12 +235,16 @@ _COMMON_DOC = """      max_batch_size: the cap :math:`B_{\\max}` (default 50 000
         one example cannot estimate a variance, so a loop feeding the decision would never move).
       granularity: round every decision up to a multiple of this (e.g. micro-batch size × devices).
       test_interval: run the test every this many updates; in between the decision stays.
+      per_example: ``False`` (default, the optax convention): ``updates`` is the mean gradient and ``update``
+        requires the extra argument ``grad_stats``. ``True``: the leading axis of ``updates`` holds per-example
+        gradients (used when no ``grad_stats`` is passed).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. Its ``update`` takes per-example gradients on the leading
-      axis of ``updates`` (returning their mean), or the mean gradient plus the extra argument
-      ``grad_stats`` (:class:`~adabatch.GradStats`, returning ``updates`` unchanged). The state is a
-      :class:`BatchSizeTestState`; read the decision with :func:`adabatch.next_batch_size`.
+      An ``optax.GradientTransformationExtraArgs``. Its ``update`` takes the mean gradient plus the extra argument
+      ``grad_stats`` (:class:`~adabatch.GradStats`, returning ``updates`` unchanged), or, with ``per_example=True``,
+      per-example gradients on the leading axis of ``updates`` (returning their mean); a mean gradient without
+      ``grad_stats`` raises a ``ValueError``. The state is a :class:`BatchSizeTestState`; read the decision with
+      :func:`adabatch.next_batch_size`.
 
 """
 
@@ -247,6 +262,7 @@ def norm_test(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The norm test (Byrd et al. 2012) as used by AdAdaGrad-Norm.
 
@@ -266,7 +282,12 @@ def norm_test(
       >>> import adabatch
       >>> tx = adabatch.norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
       >>> per_example = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
-      >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
+      >>> stats = adabatch.stats.from_per_example(per_example)  # or adabatch.grad_stats(loss_fn, params, batch)
+      >>> mean, state = tx.update(stats.mean, tx.init({"w": jnp.zeros(2)}), grad_stats=stats)
+      >>> int(adabatch.next_batch_size(state))
+      26
+      >>> tx = adabatch.norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4, per_example=True)
+      >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))  # the examples on the leading axis
       >>> int(adabatch.next_batch_size(state))
       26
 
@@ -275,7 +296,7 @@ def norm_test(
       Lau, Liu, Kolar, "AdAdaGrad", 2024, https://arxiv.org/abs/2402.11215.
     """
     check_positive("eta", eta)
-    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    shared = (max_batch_size, init_batch_size, granularity, test_interval, per_example)
     return _make_test("norm", *shared, eta=eta)
 
 
@@ -287,6 +308,7 @@ def inner_product_test(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The inner-product test (Bollapragada, Byrd, Nocedal 2018).
 
@@ -303,13 +325,13 @@ def inner_product_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.inner_product_test(theta=0.25, max_batch_size=1024, init_batch_size=4)
+      >>> tx = adabatch.inner_product_test(theta=0.25, max_batch_size=1024, init_batch_size=4, per_example=True)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       6
     """
     check_positive("theta", theta)
-    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    shared = (max_batch_size, init_batch_size, granularity, test_interval, per_example)
     return _make_test("inner_product", *shared, theta=theta)
 
 
@@ -321,6 +343,7 @@ def orthogonality_test(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The orthogonality test (Bollapragada, Byrd, Nocedal 2018).
 
@@ -335,13 +358,13 @@ def orthogonality_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.orthogonality_test(nu=0.5, max_batch_size=1024, init_batch_size=4)
+      >>> tx = adabatch.orthogonality_test(nu=0.5, max_batch_size=1024, init_batch_size=4, per_example=True)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
     """
     check_positive("nu", nu)
-    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    shared = (max_batch_size, init_batch_size, granularity, test_interval, per_example)
     return _make_test("orthogonality", *shared, nu=nu)
 
 
@@ -354,6 +377,7 @@ def augmented_inner_product_test(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The augmented inner-product test: the inner-product test **and** the orthogonality test.
 
@@ -367,14 +391,15 @@ def augmented_inner_product_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.augmented_inner_product_test(theta=0.25, nu=0.5, max_batch_size=1024, init_batch_size=4)
+      >>> kw = dict(max_batch_size=1024, init_batch_size=4, per_example=True)
+      >>> tx = adabatch.augmented_inner_product_test(theta=0.25, nu=0.5, **kw)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       25
     """
     check_positive("theta", theta)
     check_positive("nu", nu)
-    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    shared = (max_batch_size, init_batch_size, granularity, test_interval, per_example)
     return _make_test("augmented_inner_product", *shared, theta=theta, nu=nu)
 
 
@@ -389,6 +414,7 @@ def coordinate_norm_test(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The coordinate-wise norm test of AdAdaGrad (for coordinate-wise AdaGrad).
 
@@ -415,7 +441,7 @@ def coordinate_norm_test(
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.coordinate_norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4)
+      >>> tx = adabatch.coordinate_norm_test(eta=0.5, max_batch_size=1024, init_batch_size=4, per_example=True)
       >>> g = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> int(adabatch.next_batch_size(tx.update(g, tx.init({"w": jnp.zeros(2)}))[1]))
       27
@@ -424,5 +450,5 @@ def coordinate_norm_test(
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_unit_interval("quantile", quantile, closed_left=False)
     check_positive("guard", guard, allow_zero=True)
-    shared = (max_batch_size, init_batch_size, granularity, test_interval)
+    shared = (max_batch_size, init_batch_size, granularity, test_interval, per_example)
     return _make_test("coordinate_norm", *shared, eta=eta, aggregation=aggregation, quantile=quantile, guard=guard)

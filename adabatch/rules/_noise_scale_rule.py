@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adabatch._validation import check_positive
+from adabatch._validation import check_flag, check_positive
 from adabatch.rules._common import (
     DEFAULT_INIT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
@@ -61,6 +61,7 @@ def noise_scale_rule(
     precondition_after: int = 5,
     min_noise_scale: float = DEFAULT_MIN_NOISE_SCALE,
     max_noise_scale: float = DEFAULT_MAX_NOISE_SCALE,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""A batch-size rule that follows the gradient noise scale: next batch :math:`\approx c\,B_\text{simple}`.
 
@@ -84,16 +85,19 @@ def noise_scale_rule(
         decision at the current batch's own size.
       max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
       {estimator}
+      per_example: as in :func:`adabatch.norm_test`: ``False`` (default) requires ``grad_stats=``, ``True`` reads
+        per-example gradients on the leading axis of ``updates``.
+
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleRuleState`; per-example ``updates``
-      or ``grad_stats=`` as :func:`~adabatch.stats.noise_scale`. Read the decision with
-      :func:`adabatch.next_batch_size`.
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleRuleState`; the mean gradient plus
+      ``grad_stats=``, or per-example ``updates`` with ``per_example=True``, as :func:`~adabatch.stats.noise_scale`.
+      Read the decision with :func:`adabatch.next_batch_size`.
 
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
       >>> from adabatch.rules import noise_scale_rule
-      >>> tx = noise_scale_rule(decay=0.0, init_batch_size=2, max_batch_size=64)
+      >>> tx = noise_scale_rule(decay=0.0, init_batch_size=2, max_batch_size=64, per_example=True)
       >>> noisy = {"w": jnp.array([[3.0, 1.0], [-1.0, 0.5], [2.5, 1.5], [-1.0, 1.0]])}
       >>> _, state = tx.update(noisy, tx.init({"w": jnp.zeros(2)}))
       >>> int(adabatch.next_batch_size(state)), round(float(state.noise.b_simple), 2)
@@ -107,6 +111,7 @@ def noise_scale_rule(
     if not isinstance(monotone, bool):
         raise ValueError(f"monotone must be a Python bool, got {monotone!r}")
     check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
+    check_flag("per_example", per_example)
     init, update = noise_scale_estimator(
         decay, preconditioner, b2, eps, precondition_after, min_noise_scale, max_noise_scale
     )
@@ -121,7 +126,9 @@ def noise_scale_rule(
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = read_statistics(updates, grad_stats, max_batch_size, needs=needs)
+        updates, stats = read_statistics(
+            updates, grad_stats, max_batch_size, needs=needs, per_example=per_example, name="noise_scale_rule"
+        )
         noise = update(stats, state.noise)
         cap = jnp.asarray(max_batch_size, jnp.int32)
         target = jnp.asarray(multiplier, noise.b_simple.dtype) * noise.b_simple

@@ -147,6 +147,7 @@ def optimal_batch_rule(
     init_batch_size: int = DEFAULT_INIT_BATCH_SIZE,
     granularity: int = 1,
     test_interval: int = 1,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""A batch-size rule that learns the optimal batch size of SGD, with the matching step size (Alfarra et al.).
 
@@ -186,18 +187,18 @@ def optimal_batch_rule(
         default the rule returns the mean gradient like every rule and the step size is read from the state
         (``state.step_size``).
       monotone: never shrink the batch (the paper's :math:`\tau_k` may shrink; default False).
-      max_batch_size, init_batch_size, granularity, test_interval: as in :func:`adabatch.norm_test`.
+      max_batch_size, init_batch_size, granularity, test_interval, per_example: as in :func:`adabatch.norm_test`.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with an :class:`OptimalBatchRuleState`. Its ``update`` takes
-      per-example gradients on the leading axis of ``updates``, or the mean gradient plus ``grad_stats=`` (a
-      :class:`~adabatch.GradStats`; only ``count``, ``mean`` and ``sq_norm_sum`` are read). Read the decision with
-      :func:`adabatch.next_batch_size`.
+      An ``optax.GradientTransformationExtraArgs`` with an :class:`OptimalBatchRuleState`. Its ``update`` takes the
+      mean gradient plus ``grad_stats=`` (a :class:`~adabatch.GradStats`; only ``count``, ``mean`` and
+      ``sq_norm_sum`` are read), or, with ``per_example=True``, per-example gradients on the leading axis of
+      ``updates``. Read the decision with :func:`adabatch.next_batch_size`.
 
     Example:
       >>> import jax.numpy as jnp
       >>> import adabatch
-      >>> tx = adabatch.optimal_batch_rule(1000, 1.0, 20.0, 0.1, 0.01, decay=0.0, init_batch_size=4)
+      >>> tx = adabatch.optimal_batch_rule(1000, 1.0, 20.0, 0.1, 0.01, decay=0.0, init_batch_size=4, per_example=True)
       >>> per_example = {"w": jnp.array([[2.0, -1.0], [-1.0, 1.5], [1.0, 0.2], [0.1, 0.9]])}
       >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
       >>> round(float(state.noise), 4)  # (1/b) Σ_i ‖g_i‖² of this batch (decay 0: no memory)
@@ -232,6 +233,7 @@ def optimal_batch_rule(
     check_unit_interval("decay", decay)
     check_flag("apply_step_size", apply_step_size)
     check_flag("monotone", monotone)
+    check_flag("per_example", per_example)
     check_rule_arguments(max_batch_size, init_batch_size, granularity, test_interval)
     if is_concrete(num_examples) and is_concrete(init_batch_size) and int(init_batch_size) > int(num_examples):
         raise ValueError(f"init_batch_size={init_batch_size} is above num_examples={num_examples}")
@@ -262,7 +264,9 @@ def optimal_batch_rule(
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = read_statistics(updates, grad_stats, max_batch_size, needs=needs)
+        updates, stats = read_statistics(
+            updates, grad_stats, max_batch_size, needs=needs, per_example=per_example, name="optimal_batch_rule"
+        )
         dtype = state.ema.dtype
         batch = _batch_noise(stats, estimator).astype(dtype)
         finite = jnp.isfinite(batch)

@@ -11,8 +11,9 @@ What lives here:
   :mod:`adabatch.stats.ghost`, and :func:`from_group_means` / :func:`device_grad_stats` (group means);
 * the gradient noise scale: estimators (:func:`estimate_from_stats`, :func:`two_batch_estimate`, EMA smoothing,
   Adam preconditioning) and the tracking transformation :func:`noise_scale`;
-* how transformations receive statistics: :func:`read_statistics` (per-example ``updates`` or ``grad_stats=``)
-  and the declaration :class:`GradStatsNeeds` of the optional fields a transformation reads.
+* how transformations receive statistics: :func:`read_statistics` (``grad_stats=`` with the mean gradient, or
+  per-example ``updates`` declared by ``per_example=True``) and the declaration :class:`GradStatsNeeds` of the
+  optional fields a transformation reads.
 
 May import: jax, optax, numpy and ``adabatch._validation`` / ``adabatch._tree`` only (the lowest layer).
 """

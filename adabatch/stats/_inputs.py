@@ -1,9 +1,18 @@
 r"""How a transformation receives statistics: the two entry points and the declaration of what it reads.
 
-A transformation that reads per-example statistics (a batch-size rule, a noise-scale tracker, AdaScale) accepts
-either per-example gradients on the leading axis of ``updates``, or the mean gradient as ``updates`` plus a
-:class:`~adabatch.stats.GradStats` as the ``grad_stats=`` extra argument. :func:`read_statistics` turns both into
-``(mean updates, GradStats)`` and checks that the statistics fit.
+A transformation that reads per-example statistics (a batch-size rule, the noise-scale tracker, Eve, CLARS) has
+two entry points, chosen by its factory argument ``per_example``:
+
+* ``per_example=False`` (the default, the optax convention): ``updates`` is the mean gradient and the statistics
+  come as the ``grad_stats=`` extra argument (a :class:`~adabatch.stats.GradStats`; :func:`adabatch.make_train_step`
+  supplies it). Without ``grad_stats=`` the update raises a ``ValueError``: a mean gradient alone cannot give
+  per-example statistics, and reading its leading parameter axis as examples would be silently wrong.
+* ``per_example=True``: the leading axis of every leaf of ``updates`` holds the examples (at least 2); the
+  statistics are computed from them and the mean comes out. A ``grad_stats=`` argument still takes precedence
+  (then ``updates`` must be the mean), so such a transformation also works inside the training step.
+
+:func:`read_statistics` is the one function that makes this choice for every such transformation: it turns both
+entry points into ``(mean updates, GradStats)`` and checks that the statistics fit.
 
 The optional fields of :class:`~adabatch.stats.GradStats` (:math:`\sum_i g_i\odot g_i`, :math:`\sum_i\langle
 g_i,\bar g\rangle^2` and the per-leaf :math:`\sum_i\lVert g_{i,l}\rVert^2`) cost extra, so such a transformation
@@ -68,13 +77,38 @@ def declared_needs(opt_state: Any) -> GradStatsNeeds:
 
 
 def read_statistics(
-    updates: Any, grad_stats: Any, max_batch_size: Any, *, needs: GradStatsNeeds = GradStatsNeeds()
+    updates: Any,
+    grad_stats: Any,
+    max_batch_size: Any,
+    *,
+    needs: GradStatsNeeds = GradStatsNeeds(),
+    per_example: bool = False,
+    name: str = "this transformation",
 ) -> tuple[Any, GradStats]:
-    """The two entry points of a statistics-reading transformation: ``(mean updates, GradStats)`` from
-    per-example ``updates`` (leading axis), or from ``updates`` (the mean) and ``grad_stats``, checking that the
-    statistics fit the updates and hold the optional fields in ``needs``."""
+    """The two entry points of a statistics-reading transformation: ``(mean updates, GradStats)``.
+
+    Args:
+      updates: the mean gradient (with ``grad_stats``), or per-example gradients on the leading axis of every leaf
+        (without ``grad_stats``, only when ``per_example`` is True).
+      grad_stats: a :class:`~adabatch.stats.GradStats` of the batch, or None. When given it always takes precedence
+        and is checked against ``updates`` and ``needs``.
+      max_batch_size: the largest per-example batch accepted (checked when concrete).
+      needs: the optional :class:`~adabatch.stats.GradStats` fields the transformation reads.
+      per_example: the transformation's factory argument: ``updates`` may carry per-example gradients.
+      name: the transformation's name, for the error messages.
+
+    Returns:
+      ``(updates, grad_stats)`` unchanged, or the mean of per-example ``updates`` (in their dtype) and their
+      statistics (accumulated in float32 at least).
+
+    Raises:
+      ValueError: without ``grad_stats`` when ``per_example`` is False (the message says what to pass), or when the
+        statistics do not fit the updates.
+    """
     check_floating_tree("updates", updates)
     if grad_stats is None:
+        if not per_example:
+            raise ValueError(_missing_statistics_message(name, needs))
         _per_example_size(updates, max_batch_size)
         stats = from_per_example(
             updates, sq_sum=needs.sq_sum, inner_sq_sum=needs.inner_sq_sum, leaf_sq_norm_sum=needs.leaf_sq_norm_sum
@@ -82,6 +116,20 @@ def read_statistics(
         return jax.tree_util.tree_map(lambda m, u: m.astype(u.dtype), stats.mean, updates), stats
     check_grad_stats(grad_stats, updates, needs=needs)
     return updates, grad_stats
+
+
+def _missing_statistics_message(name: str, needs: GradStatsNeeds) -> str:
+    fields = [f.name for f in dataclasses.fields(needs) if getattr(needs, f.name)]
+    holding = f" holding {' and '.join(fields)}" if fields else ""
+    flags = "".join(f", {field}=True" for field in fields)
+    return (
+        f"{name} reads per-example statistics but got updates without grad_stats=. Following the optax convention "
+        "(per_example=False, the default), updates is the mean gradient, which alone cannot give them: pass "
+        f"grad_stats=adabatch.GradStats of the same batch{holding} "
+        f"(adabatch.grad_stats(loss_fn, params, batch{flags}), or let adabatch.make_train_step supply it). "
+        "Or pass per-example gradients on the leading axis of updates and build the transformation with "
+        "per_example=True."
+    )
 
 
 def check_grad_stats(grad_stats: Any, updates: Any, *, needs: GradStatsNeeds = GradStatsNeeds()) -> None:

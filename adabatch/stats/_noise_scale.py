@@ -46,6 +46,7 @@ import optax
 from adabatch._validation import (
     accumulation_dtype,
     check_choice,
+    check_flag,
     check_positive,
     check_unit_interval,
     is_concrete,
@@ -399,6 +400,7 @@ def noise_scale(
     precondition_after: int = 5,
     min_noise_scale: float = DEFAULT_MIN_NOISE_SCALE,
     max_noise_scale: float = DEFAULT_MAX_NOISE_SCALE,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Track the gradient noise scale :math:`B_\text{simple}` in the optimizer state; the updates pass through.
 
@@ -415,15 +417,20 @@ def noise_scale(
 
     Args:
       {estimator}
+      per_example: ``False`` (default, the optax convention): ``updates`` is the mean gradient and ``update``
+        requires the extra argument ``grad_stats``. ``True``: the leading axis of ``updates`` holds per-example
+        gradients (used when no ``grad_stats`` is passed). See :func:`~adabatch.stats.read_statistics`.
+
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleState`. Its ``update`` takes
-      per-example gradients on the leading axis of ``updates`` (returning their mean), or the mean gradient plus
-      the extra argument ``grad_stats`` (returning ``updates`` unchanged), like the rules of :mod:`adabatch.rules`.
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`NoiseScaleState`. Its ``update`` takes the mean
+      gradient plus the extra argument ``grad_stats`` (returning ``updates`` unchanged), or, with
+      ``per_example=True``, per-example gradients on the leading axis of ``updates`` (returning their mean), like
+      the rules of :mod:`adabatch.rules`.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from adabatch.stats import noise_scale
-      >>> tx = noise_scale(decay=0.0)
+      >>> tx = noise_scale(decay=0.0, per_example=True)
       >>> per_example = {"w": jnp.array([[3.0, 0.0], [1.0, 2.0]])}
       >>> mean, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
       >>> mean["w"].tolist(), float(state.b_simple)
@@ -436,11 +443,14 @@ def noise_scale(
     init, update = noise_scale_estimator(
         decay, preconditioner, b2, eps, precondition_after, min_noise_scale, max_noise_scale
     )
+    check_flag("per_example", per_example)
     needs = GradStatsNeeds(sq_sum=preconditioner == "adam")
 
     def update_fn(updates, state, params=None, *, grad_stats=None, **extra_args):
         del params, extra_args
-        updates, stats = read_statistics(updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=needs)
+        updates, stats = read_statistics(
+            updates, grad_stats, jnp.iinfo(jnp.int32).max, needs=needs, per_example=per_example, name="noise_scale"
+        )
         return updates, update(stats, state)
 
     return optax.GradientTransformationExtraArgs(init, update_fn)
