@@ -1,8 +1,11 @@
 """Multi-host training with real processes: 2 processes × 2 CPU devices joined by ``jax.distributed`` (gloo
-collectives on localhost) take the same batch-size decisions as each other and as 1 process × 4 devices, and the
-``adabatch train`` flags for several processes are checked before any work.
+collectives on localhost) take the same batch-size decisions as each other and as 1 process × 4 devices; a state
+sharded along a ``model`` axis that spans the processes is checkpointed by both, resumes bit-identically on 2
+processes and to float tolerance on 1; and the ``adabatch train`` flags for several processes are checked before
+any work.
 
-Each process runs ``tests/multihost_worker.py`` (a short adaptive ``fit`` of a tiny MLP). The
+Each process runs ``tests/multihost_worker.py`` (short adaptive ``fit`` runs of a tiny MLP); the three processes
+are started once for the module (one group: the 1-process run resumes the checkpoint the pair writes). The
 processes get a timeout and are all killed on failure, so a hang fails clearly. The tests share one xdist group:
 their processes would otherwise compete for the same two cores with the rest of the suite's heaviest tests.
 """
@@ -26,7 +29,7 @@ pytestmark = pytest.mark.xdist_group("multihost")
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 ROOT = WORKER.parent.parent
-TIMEOUT_S = 240  # per group of processes; a healthy run takes ~20 s on 2 busy cores
+TIMEOUT_S = 300  # per group of processes; a healthy run takes ~50 s on 2 busy cores
 
 
 def free_port() -> int:
@@ -64,18 +67,25 @@ def tail(logs: Path, n: int = 3000) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-n:]}" for p in sorted(logs.glob("*.log")))
 
 
-def test_two_processes_take_the_decisions_of_one_process_on_as_many_devices(tmp_path):
-    port = free_port()
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 processes × 2 devices and 1 process × 4 devices, started together (see tests/multihost_worker.py)."""
+    logs = tmp_path_factory.mktemp("multihost")
+    port, checkpoints = free_port(), str(logs / "checkpoints")
     two = [
-        [sys.executable, str(WORKER), str(tmp_path / f"p{i}.json"), "--devices", "2", "--coordinator",
-         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        [sys.executable, str(WORKER), str(logs / f"p{i}.json"), "--devices", "2", "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--checkpoints", checkpoints]
         for i in range(2)
     ]  # fmt: skip
-    one = [sys.executable, str(WORKER), str(tmp_path / "one.json"), "--devices", "4"]
-    codes = run_together([*two, one], tmp_path, TIMEOUT_S)
-    assert codes == [0, 0, 0], tail(tmp_path)
-    p0, p1, single = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("p0", "p1", "one"))
+    one = [sys.executable, str(WORKER), str(logs / "one.json"), "--devices", "4", "--checkpoints", checkpoints]
+    codes = run_together([*two, one], logs, TIMEOUT_S)
+    assert codes == [0, 0, 0], tail(logs)
+    p0, p1, single = (json.loads((logs / f"{name}.json").read_text()) for name in ("p0", "p1", "one"))
+    return p0, p1, single, Path(checkpoints)
 
+
+def test_two_processes_take_the_decisions_of_one_process_on_as_many_devices(runs):
+    p0, p1, single, _ = runs
     assert (p0["process_index"], p1["process_index"], single["process_index"]) == (0, 1, 0)
     assert p0["process_count"] == p1["process_count"] == 2 and single["process_count"] == 1
     assert p0["device_count"] == p1["device_count"] == single["device_count"] == 4
@@ -96,6 +106,36 @@ def test_two_processes_take_the_decisions_of_one_process_on_as_many_devices(tmp_
         for leaf in c["params"]:
             np.testing.assert_allclose(a["params"][leaf], c["params"][leaf], rtol=1e-5, atol=1e-5, err_msg=leaf)
         assert a["compilations"] == c["compilations"] == 2  # one per bucket (8 and 32 rows)
+
+
+def test_checkpoints_of_a_model_sharded_state_resume_exactly_on_two_processes_and_on_one(runs):
+    """Every process writes its shards, one the metadata; stop-and-resume is bit-identical; 2 → 1 process resumes."""
+    p0, p1, single, root = runs
+    a, b, one = p0["checkpoint"], p1["checkpoint"], single["checkpoint"]
+    full, stopped, resumed = a["full"], a["stopped"], a["resumed"]
+    assert all(a[run] == b[run] for run in ("full", "stopped", "resumed"))  # bit-identical on both processes
+    # FSDP-style: each process holds one half of every weight matrix (along its largest axis), the vectors whole.
+    assert a["held"]["w1"] == [[[0, 6], [0, 4]]] and b["held"]["w1"] == [[[0, 6], [4, 8]]]
+    assert a["held"]["w2"] == [[[0, 4], [0, 3]]] and b["held"]["w2"] == [[[4, 8], [0, 3]]]
+    assert a["held"]["b1"] == b["held"]["b1"] == [[[0, 8]]]
+    assert len(set(full["sizes"])) > 2 and stopped["sizes"] == full["sizes"][:2]
+    # Stopped after 2 steps and resumed: the same later batches and bit-identical final parameters.
+    assert resumed["sizes"] == full["sizes"][2:] and resumed["next"] == full["next"][2:]
+    assert resumed["params_sha256"] == full["params_sha256"]
+    assert (resumed["step"], resumed["samples"]) == (full["step"], full["samples"])
+    # Written by 2 processes, resumed by 1 on 4 devices: the same global state (sums may be reduced in another
+    # order, so the parameters to float tolerance).
+    r = one["resumed"]
+    assert r["sizes"] == full["sizes"][2:] and (r["step"], r["samples"]) == (full["step"], full["samples"])
+    for leaf, value in full["params"].items():
+        np.testing.assert_allclose(r["params"][leaf], value, rtol=1e-5, atol=1e-6, err_msg=leaf)
+    # Every process wrote its own shards (one OCDBT store each); the metadata record is one file.
+    for written in (root / "full" / "5", root / "stopped" / "2"):
+        assert sorted(p.name for p in (written / "state").glob("ocdbt.process_*")) == [
+            "ocdbt.process_0",
+            "ocdbt.process_1",
+        ]
+        assert json.loads((written / "meta" / "metadata").read_text())["init_batch_size"] == 6
 
 
 def test_a_coordinator_that_never_comes_fails_within_the_timeout(tmp_path):

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "stats": ("stats", "per-example statistics: ghost, vmap, microbatch, JVP vs a plain step and PyTorch peers"),
     "train-step": ("train_step", "time per sample of make_train_step vs hand-written jitted loops"),
     "curvature": ("curvature", "one HVP, one Lanczos step and SLQ spectra vs a plain gradient"),
+    "multihost": ("multihost", "step time of 2 processes x 2 CPU devices vs 1 process x 4 devices (gloo)"),
 }
 
 

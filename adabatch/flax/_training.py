@@ -83,6 +83,7 @@ def _stats_and_loss(loss_fn, params, batch, tx, opt_state, method, sq_sum, inner
         mask=mask,
         sq_sum=sq_sum,
         inner_sq_sum=inner_sq_sum,
+        leaf_sq_norm_sum=st.declared_needs(opt_state).leaf_sq_norm_sum,  # per-leaf sums (CLARS)
         return_losses=True,
     )
     if mask is None:

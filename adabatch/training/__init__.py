@@ -14,7 +14,14 @@ from typing import Any
 
 from adabatch.training._data_order import DataStream, bucket_size, epoch_permutation, physical_order, process_rows
 from adabatch.training._fit import FitResult, fit
-from adabatch.training._step import TrainState, TrainStep, init_train_state, make_train_step, required_statistics
+from adabatch.training._step import (
+    TrainState,
+    TrainStep,
+    init_train_state,
+    make_train_step,
+    model_partition_spec,
+    required_statistics,
+)
 
 __all__ = [
     "CheckpointError",
@@ -28,6 +35,7 @@ __all__ = [
     "fit",
     "init_train_state",
     "make_train_step",
+    "model_partition_spec",
     "physical_order",
     "process_rows",
     "required_statistics",

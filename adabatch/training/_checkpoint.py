@@ -8,6 +8,12 @@ previous checkpoint intact and the partial one is never read (orbax removes it t
 opened). Restoring checks the tree structure, shapes and dtypes against a template state; a missing or unreadable
 checkpoint raises :class:`CheckpointError` and writes nothing.
 
+**Several processes** (``jax.distributed``): every process calls ``save`` and ``restore`` with the same arguments
+on a directory they all see. orbax writes the shards each process's devices hold (one copy of a replicated shard)
+into a store per process, and process 0 alone writes the metadata and the JSON record. ``restore`` reads into the
+shardings of ``like`` (arrays, or ``jax.ShapeDtypeStruct`` with a ``sharding``): each process reads only the
+shards its devices need, so a checkpoint written by N processes restores on M, on another mesh.
+
 Needs the ``orbax-checkpoint`` package (``pip install 'adabatch[cli]'``).
 """
 
@@ -100,6 +106,8 @@ class Checkpointer:
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
         """The state of checkpoint ``step`` (default the latest) in the structure of ``like``, and its metadata.
+
+        ``like``'s leaves give the shapes, dtypes and shardings to restore into (arrays or ``jax.ShapeDtypeStruct``).
 
         Raises:
           CheckpointError: no checkpoint, an unreadable (corrupt, truncated) one, or one whose tree, shapes or dtypes

@@ -45,6 +45,24 @@ def _global_batch(sharding: Any, physical: int, local: Any) -> Any:
     )
 
 
+def _abstract(state: Any, layout: Any) -> Any:
+    """``state`` as shapes and dtypes in the shardings ``layout`` (``state`` itself without a layout)."""
+    if layout is None:
+        return state
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, layout)
+
+
+def _place(x: Any, sharding: Any) -> Any:
+    """``x`` laid out as ``sharding`` (its global value unchanged)."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if jax.process_count() > 1 and (not isinstance(x, jax.Array) or x.is_fully_addressable):
+        # An array on this process's devices cannot move to the devices of other processes: place the host copy,
+        # the same on every process (each keeps the shards its devices hold).
+        x = np.asarray(jax.device_get(x))
+    return jax.device_put(x, sharding)
+
+
 def fit(
     step: TrainStep,
     state: TrainState,
@@ -74,7 +92,10 @@ def fit(
     process takes only the rows of the padded global batch that its devices hold
     (:func:`adabatch.training.process_rows`), and ``jax.make_array_from_process_local_data`` forms the global batch.
     The step reduces the statistics over every device of every process, so every process reads the same decision;
-    only process 0 shows the progress bar.
+    only process 0 shows the progress bar. The state is placed as :meth:`TrainStep.state_sharding` says (replicated,
+    or split along ``model_axis``, FSDP-style); with ``checkpoint_dir`` (on storage every process sees) every process
+    writes the shards its devices hold and resumes by reading only those, whatever the number of processes that
+    wrote the checkpoint.
 
     Args:
       step: from :func:`make_train_step`.
@@ -120,13 +141,15 @@ def fit(
         )
         batch_size = total
     meta = {"seed": int(seed), "num_examples": total, "init_batch_size": int(batch_size)}
+    state = strong(state)
+    layout = step.state_sharding(state)  # None without a mesh
     checkpointer = None
     if checkpoint_dir is not None:
         from adabatch.training._checkpoint import Checkpointer, CheckpointError  # orbax is optional
 
         checkpointer = Checkpointer(checkpoint_dir)
-        if resume:
-            state, saved = checkpointer.restore(state)
+        if resume:  # with a mesh, every process reads only the shards its devices hold, in the step's layout
+            state, saved = checkpointer.restore(_abstract(state, layout))
             if any(saved.get(key) != value for key, value in meta.items()):
                 checkpointer.close()
                 raise CheckpointError(
@@ -143,14 +166,11 @@ def fit(
     unit = math.lcm(step.micro_batch_size or 1, step.num_shards)
     base = -(-max(batch_size, step.micro_batch_size or 1) // unit) * unit
     cap = -(-total // unit) * unit
-    state = strong(state)
     if step.mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharded = NamedSharding(step.mesh, PartitionSpec(step.data_axis))
-        if jax.process_count() > 1:  # an array committed to this process's devices (restored) cannot move to the
-            state = jax.device_get(state)  # devices of other processes: place the host copy, the same on each
-        state = jax.device_put(state, NamedSharding(step.mesh, PartitionSpec()))
+        state = jax.tree_util.tree_map(_place, state, layout)
         local_rows: dict[int, np.ndarray] = {}  # physical size -> the rows this process's devices hold
     rule = find_state(state.opt_state, has_decision)
     decision = batch_size if rule is None else int(getattr(rule, DECISION_FIELD))

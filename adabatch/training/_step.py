@@ -64,6 +64,7 @@ __all__ = [
     "TrainStep",
     "init_train_state",
     "make_train_step",
+    "model_partition_spec",
     "required_statistics",
 ]
 
@@ -135,32 +136,113 @@ def required_statistics(
     )
 
 
+def model_partition_spec(shape: tuple[int, ...], model_axis: str, size: int) -> Any:
+    """The FSDP-style ``PartitionSpec`` of a leaf of ``shape`` on a ``model`` axis of ``size`` devices.
+
+    A leaf with at least two dimensions is split along its largest dimension that ``size`` divides (the first such
+    dimension on a tie); a vector, a scalar, or a leaf with no divisible dimension is replicated.
+
+    Example:
+      >>> from adabatch.training import model_partition_spec
+      >>> model_partition_spec((6, 8), "model", 2), model_partition_spec((8,), "model", 2)
+      (P(None, 'model'), P())
+      >>> model_partition_spec((5, 3), "model", 2), model_partition_spec((4, 6), "model", 4)
+      (P(), P('model', None))
+    """
+    from jax.sharding import PartitionSpec
+
+    check_positive_int("size", size)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) >= 2 and size > 1:
+        for axis in sorted(range(len(shape)), key=lambda a: (-shape[a], a)):
+            if shape[axis] % size == 0:
+                return PartitionSpec(*(model_axis if a == axis else None for a in range(len(shape))))
+    return PartitionSpec()
+
+
 class TrainStep:
     """The callable :func:`make_train_step` returns: ``step(state, batch, size=None) -> (state, metrics)``.
 
     ``batch`` has ``P`` rows of which the first ``size`` (default all) are real examples, in the layout of
     :func:`adabatch.training.physical_order` (the identity without a mesh). ``compilations`` counts how many times the
-    step was traced and compiled; ``jitted`` is the underlying ``jax.jit`` function.
+    step was traced and compiled; ``jitted`` is the underlying ``jax.jit`` function (with ``model_axis``, the one
+    built for the state of the latest call: its shardings follow the state's shapes).
     """
 
-    def __init__(self, fn: Callable, *, micro_batch_size: int | None, mesh: Any, data_axis: str, counter: list):
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        micro_batch_size: int | None,
+        mesh: Any,
+        data_axis: str,
+        counter: list,
+        model_axis: str | None = None,
+    ):
         self.micro_batch_size = micro_batch_size
         self.mesh = mesh
         self.data_axis = data_axis
+        self.model_axis = model_axis
         self.num_shards = 1 if mesh is None else int(mesh.shape[data_axis])
         self._counter = counter
+        self._fn = fn
+        self._by_layout: dict[Any, Any] = {}  # (tree structure, leaf shapes) -> jax.jit with those state shardings
+        self._jitted: Any = None
         if mesh is None:
-            self.jitted = jax.jit(fn)
-        else:
+            self._jitted = jax.jit(fn)
+        elif model_axis is None:
             from jax.sharding import NamedSharding, PartitionSpec
 
             replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(data_axis))
-            self.jitted = jax.jit(fn, in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
+            self._jitted = jax.jit(fn, in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
 
     @property
     def compilations(self) -> int:
         """How many times the step has been traced (each trace is one compilation)."""
         return self._counter[0]
+
+    @property
+    def jitted(self) -> Any:
+        """The ``jax.jit`` function the step calls (with ``model_axis``: the one of the latest call's state)."""
+        if self._jitted is None:
+            raise RuntimeError(
+                "with model_axis the jitted step is built on the first call: its shardings follow the state's shapes"
+            )
+        return self._jitted
+
+    def state_sharding(self, state: Any) -> Any:
+        """The ``NamedSharding`` of every leaf of ``state`` on the step's mesh (None without a mesh).
+
+        Replicated without ``model_axis``; with it, :func:`model_partition_spec` of each leaf's shape: parameters and
+        the optimizer-state leaves shaped like them are split along ``model`` the same way, small leaves replicated.
+        """
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        if self.model_axis is None:
+            return jax.tree_util.tree_map(lambda _: NamedSharding(self.mesh, PartitionSpec()), state)
+        axis = self.model_axis
+        size = int(self.mesh.shape[axis])
+        return jax.tree_util.tree_map(
+            lambda x: NamedSharding(self.mesh, model_partition_spec(x.shape, axis, size)), state
+        )
+
+    def _jit_for(self, state: Any) -> Any:
+        if self.model_axis is None:
+            return self._jitted
+        key = (jax.tree_util.tree_structure(state), tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(state)))
+        if key not in self._by_layout:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            layout = self.state_sharding(state)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            sharded = NamedSharding(self.mesh, PartitionSpec(self.data_axis))
+            self._by_layout[key] = jax.jit(
+                self._fn, in_shardings=(layout, sharded, replicated), out_shardings=(layout, replicated)
+            )
+        self._jitted = self._by_layout[key]
+        return self._jitted
 
     def __call__(self, state: TrainState, batch: Any, size: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         rows = leading_size(batch)
@@ -168,7 +250,7 @@ class TrainStep:
             size = rows
         elif not isinstance(size, jax.core.Tracer) and not 1 <= int(size) <= rows:
             raise ValueError(f"size must lie in [1, {rows}] (the batch has {rows} rows), got {size}")
-        return self.jitted(state, batch, jnp.asarray(size, jnp.int32))
+        return self._jit_for(state)(state, batch, jnp.asarray(size, jnp.int32))
 
 
 def make_train_step(
@@ -182,6 +264,7 @@ def make_train_step(
     inner_sq_sum: bool | None = None,
     mesh: Any = None,
     data_axis: str = "data",
+    model_axis: str | None = None,
     per_example_keys: bool = False,
     stats: str | None = None,
 ) -> TrainStep:
@@ -200,8 +283,14 @@ def make_train_step(
         are accumulated in a loop with a traced trip count (None: the whole buffer at once).
       chunk_size: passed to :func:`adabatch.grad_stats` (bounds memory inside a micro-batch).
       sq_sum, inner_sq_sum: compute these optional statistics; None infers what ``tx`` needs.
-      mesh: a ``jax.sharding.Mesh``: the batch is sharded along ``data_axis``, everything else replicated.
+      mesh: a ``jax.sharding.Mesh``: the batch is sharded along ``data_axis`` (and replicated along the other
+        axes); the state is replicated unless ``model_axis`` is given.
       data_axis: the mesh axis of the batch.
+      model_axis: a second mesh axis to shard the state along, FSDP-style (:meth:`TrainStep.state_sharding`): every
+        leaf of the parameters and of the optimizer state with at least two dimensions is split along its largest
+        dimension that the axis size divides (:func:`model_partition_spec`), the rest is replicated. The statistics
+        stay those of one device: the step is one SPMD program, so a per-example norm summed over a split
+        parameter is all-reduced over ``model_axis`` as well as over ``data_axis``.
       per_example_keys: pass per-example PRNG keys to ``loss_fn`` (see above).
       stats: deprecated name of ``method`` (removed in the next release).
 
@@ -239,9 +328,16 @@ def make_train_step(
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"{name} must be True, False or None (infer), got {value!r}")
     shards = 1
+    if mesh is None and model_axis is not None:
+        raise ValueError(f"model_axis={model_axis!r} needs mesh= (a mesh with a {model_axis!r} axis)")
     if mesh is not None:
         if data_axis not in mesh.axis_names:
             raise ValueError(f"data_axis={data_axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+        if model_axis is not None and (model_axis not in mesh.axis_names or model_axis == data_axis):
+            raise ValueError(
+                f"model_axis={model_axis!r} must be an axis of the mesh {tuple(mesh.axis_names)} other than "
+                f"data_axis={data_axis!r}"
+            )
         shards = int(mesh.shape[data_axis])
         if micro_batch_size is not None and micro_batch_size % shards:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be a multiple of the {shards} data shards")
@@ -274,6 +370,7 @@ def make_train_step(
                 f"the {shards} data shards (adabatch.training.bucket_size gives such sizes)"
             )
         want_sq, want_inner = required_statistics(tx, params, state.opt_state, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
+        want_leaf = st.declared_needs(state.opt_state).leaf_sq_norm_sum  # per-leaf sums (CLARS)
         acc = accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
         n = jnp.clip(size, 1, rows).astype(jnp.int32)
         k_max = rows // m
@@ -301,6 +398,7 @@ def make_train_step(
                 mask=mask,
                 sq_sum=want_sq,
                 inner_sq_sum=inner,
+                leaf_sq_norm_sum=want_leaf,
                 return_losses=True,
             )
             return s, jnp.sum(jnp.where(mask, losses, 0).astype(acc))
@@ -371,4 +469,11 @@ def make_train_step(
             )
         return new_state, metrics
 
-    return TrainStep(step_fn, micro_batch_size=micro_batch_size, mesh=mesh, data_axis=data_axis, counter=counter)
+    return TrainStep(
+        step_fn,
+        micro_batch_size=micro_batch_size,
+        mesh=mesh,
+        data_axis=data_axis,
+        counter=counter,
+        model_axis=model_axis,
+    )
