@@ -38,7 +38,10 @@ BAD = [
     (["demo", "--batch-size", "0"], "--batch-size"),
     (["demo", "--eval-every", "0"], "--eval-every"),
     (["demo", "--steps", "1"], "--steps"),
-    (["demo", "--max-batch-size", "8"], "--max-batch-size"),
+    (["demo", "--max-batch-size", "4"], "--max-batch-size"),
+    (["demo", "--rule", "none"], "--rule"),
+    (["demo", "--adaptive-lr", "0"], "--adaptive-lr"),
+    (["demo", "--target-tolerance", "-1"], "--target-tolerance"),
     (["demo", "--large-batch-size", "0"], "--large-batch-size"),
     (["demo", "--lr", "0"], "--lr"),
 ]
@@ -78,3 +81,30 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "(default: 200)" in capsys.readouterr().out
+
+
+def test_every_optimizer_and_rule_of_the_command_line_builds_and_steps():
+    # build_tx is what --optimizer/--rule select; each combination must take one step from the training step's input
+    # (the mean gradient plus the statistics it declares), finite and of the parameters' shape.
+    import jax
+    import jax.numpy as jnp
+
+    from adabatch import stats as st
+    from adabatch.cli._train import OPTIMIZERS, RULES, build_tx
+
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    per_example = {"w": jnp.arange(48.0).reshape(8, 3, 2) / 48 - 0.3, "b": jnp.linspace(-1, 1, 16).reshape(8, 2)}
+    for optimizer in OPTIMIZERS:
+        for rule in RULES:
+            tx = build_tx(rule, optimizer, lr=0.1, eta=0.5, max_batch_size=64, init_batch_size=4)
+            state = tx.init(params)
+            needs = st.declared_needs(state)
+            stats = st.from_per_example(
+                per_example,
+                sq_sum=needs.sq_sum,
+                inner_sq_sum=needs.inner_sq_sum,
+                leaf_sq_norm_sum=needs.leaf_sq_norm_sum,
+            )
+            updates, _ = tx.update(stats.mean, state, params, grad_stats=stats)
+            for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
+                assert u.shape == p.shape and bool(jnp.all(jnp.isfinite(u))), (optimizer, rule)

@@ -13,8 +13,8 @@ SUMMARY_KEYS = {"test_accuracy", "steps", "samples", "compilations", "wall_time_
 
 
 def test_demo_quick_writes_metrics_summary_and_plots(tmp_path, capsys):
-    # The smallest demo: 2 steps of the small-batch run, 1 of the others (each distinct batch size compiles a step).
-    argv = ["demo", "--quick", "--quiet", "--steps", "2", "--eval-every", "1", "--out", str(tmp_path)]
+    # The smallest demo: 4 steps of the small-batch run, 1 of the others (each distinct batch size compiles a step).
+    argv = ["demo", "--quick", "--quiet", "--steps", "4", "--eval-every", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"small", "adaptive", "large"}
@@ -22,14 +22,21 @@ def test_demo_quick_writes_metrics_summary_and_plots(tmp_path, capsys):
         assert SUMMARY_KEYS <= set(run), name
         assert run["steps"] == len(run["batch_sizes"]) and run["samples"] == sum(run["batch_sizes"])
         assert 1 <= run["compilations"] <= 3 and len(run["params_sha256"]) == 64
-    assert summary["small"]["steps"] == 2 * summary["adaptive"]["steps"]
+    assert summary["small"]["steps"] == 4 * summary["adaptive"]["steps"]
+    base = summary["small"]["reached_target"]
+    for run in summary.values():  # every ratio compares steps and samples to the target on both sides
+        if run["reached_target"] is not None and base is not None:
+            assert run["fewer_steps_to_target"] == base["steps"] / run["reached_target"]["steps"]
+            assert run["samples_to_target_ratio"] == run["reached_target"]["samples"] / base["samples"]
+        else:
+            assert run["fewer_steps_to_target"] is None
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == sum(run["steps"] for run in summary.values())
     assert {line["run"] for line in lines} == set(summary)
     for plot in ("loss_vs_samples.png", "loss_vs_steps.png", "batch_size.png", "test_accuracy.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "adaptive" in table and "reached the target" in table
+    assert "adaptive" in table and "target at step" in table and "× fewer steps" in table
 
 
 def train(tmp_path, out, *extra):

@@ -42,15 +42,25 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite float ``> 0``."""
+def _finite_float(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        what = "non-negative" if allow_zero else "positive"
+        raise argparse.ArgumentTypeError(f"must be a {what} finite number, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite float ``> 0``."""
+    return _finite_float(text, allow_zero=False)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float ``>= 0``."""
+    return _finite_float(text, allow_zero=True)
 
 
 def choice(valid: tuple[str, ...], what: str) -> Callable[[str], str]:

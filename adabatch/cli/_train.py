@@ -28,8 +28,21 @@ from adabatch.cli._args import at_least, check, choice, host_port, output_dir, p
 
 __all__ = ["OPTIMIZERS", "RULES", "build_tx", "params_sha256", "register", "run_config", "write_plots"]
 
-RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm", "none")
-OPTIMIZERS = ("adagrad_norm", "adagrad", "adabelief", "sgd", "adam")
+RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm", "noise_scale", "none")
+OPTIMIZERS = (
+    "adagrad_norm",
+    "adagrad",
+    "adabelief",
+    "sgd",
+    "adam",
+    "eve",
+    "tom",
+    "maxva",
+    "adalomo",
+    "active_adam",
+    "clars",
+)
+ACTIVE_PERIOD = 100  # steps between ActiveLR's gain updates on the command line
 # How long a process waits for the coordinator and for the other processes before it fails (JAX's default).
 INITIALIZATION_TIMEOUT_S = 300
 
@@ -37,26 +50,34 @@ INITIALIZATION_TIMEOUT_S = 300
 def build_tx(
     rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size: int, init_batch_size: int = 16
 ) -> Any:
-    """``optax.chain(<rule>, <optimizer>)`` (just the optimizer for ``rule="none"``).
+    r"""``optax.chain(<rule>, <optimizer>)`` (just the optimizer for ``rule="none"``).
 
-    ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests; the rule starts at
-    ``init_batch_size`` and never exceeds ``max_batch_size``.
+    ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests, and for the
+    noise-scale rule the multiplier :math:`1/\eta^2` (so that every rule asks for about
+    :math:`B_\text{simple}/\eta^2`); the rule starts at ``init_batch_size`` and never exceeds ``max_batch_size``.
+    ``active_adam`` updates its gains every ``ACTIVE_PERIOD`` steps.
     """
     import optax
 
+    from adabatch import optimizers as o
     from adabatch import rules
-    from adabatch.optimizers import adabelief, adagrad, adagrad_norm
 
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid choices: {', '.join(RULES)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
     opt = {
-        "adagrad_norm": adagrad_norm,
-        "adagrad": adagrad,
-        "adabelief": adabelief,
+        "adagrad_norm": o.adagrad_norm,
+        "adagrad": o.adagrad,
+        "adabelief": o.adabelief,
         "sgd": optax.sgd,
         "adam": optax.adam,
+        "eve": o.eve,
+        "tom": o.tom,
+        "maxva": o.maxva,
+        "adalomo": o.adalomo,
+        "active_adam": lambda lr: o.active_adam(lr, period=ACTIVE_PERIOD),
+        "clars": o.clars,
     }[optimizer](lr)
     if rule == "none":
         return opt
@@ -67,6 +88,7 @@ def build_tx(
         "orthogonality": lambda: rules.orthogonality_test(eta, **cap),
         "augmented_inner_product": lambda: rules.augmented_inner_product_test(eta, eta, **cap),
         "coordinate_norm": lambda: rules.coordinate_norm_test(eta, **cap),
+        "noise_scale": lambda: rules.noise_scale_rule(1.0 / eta**2, **cap),
     }[rule]()
     return optax.chain(test, opt)
 
@@ -164,12 +186,23 @@ def run_config(
     return summary, history
 
 
-def write_plots(out: str, histories: dict[str, list[dict]]) -> list[str]:
-    """PNG plots of the runs' histories (loss against samples and steps, batch size, test accuracy)."""
+def _smooth(values: list[float], width: int) -> np.ndarray:
+    """Centred-window moving average (the window shrinks at the ends)."""
+    x = np.asarray(values, np.float64)
+    half = max(width // 2, 0)
+    return np.array([x[max(0, i - half) : i + half + 1].mean() for i in range(len(x))])
+
+
+def write_plots(
+    out: str, histories: dict[str, list[dict]], *, title: str = "", target: float | None = None, cap: int | None = None
+) -> list[str]:
+    """PNG plots of the runs' histories: training loss against samples and steps (smoothed, the raw values as a
+    faint line), batch size (with the rule's ``cap``) and test accuracy (with the ``target``) against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     panels = [
         ("loss_vs_samples.png", "samples", "loss", "training loss (batch mean)", "log"),
@@ -182,14 +215,29 @@ def write_plots(out: str, histories: dict[str, list[dict]]) -> list[str]:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for name, history in histories.items():
             points = [(h[x_key], h[y_key]) for h in history if h.get(y_key) is not None]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, label=name, lw=1.2)
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            if y_key == "loss":
+                (line,) = ax.plot(xs, _smooth(list(ys), max(len(ys) // 25, 1)), label=name, lw=1.4)
+                ax.plot(xs, ys, color=line.get_color(), lw=0.6, alpha=0.25)
+            else:
+                ax.plot(xs, ys, label=name, lw=1.2, drawstyle="steps-post" if y_key == "batch_size" else "default")
+        if y_key == "test_accuracy" and target is not None:
+            ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:.3f}")
+        if y_key == "batch_size" and cap is not None:
+            ax.axhline(cap, color="k", lw=0.8, ls="--", label=f"cap {cap}")
         ax.set_xlabel("examples seen" if x_key == "samples" else "optimizer step")
         ax.set_ylabel(label)
         ax.set_yscale(yscale)
+        if yscale == "log":  # plain numbers, not powers of ten
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            ax.yaxis.set_major_formatter(formatter)
+            ax.yaxis.set_minor_formatter(formatter if y_key == "batch_size" else plt.NullFormatter())
+        ax.set_title(f"{title}: {label}" if title else label, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out, filename)
         fig.savefig(path, dpi=90)
@@ -429,7 +477,9 @@ def register(subparsers: Any) -> None:
         help=f"one of {', '.join(OPTIMIZERS)}",
     )
     parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="the CNN, or a small MLP")
-    parser.add_argument("--eta", type=positive_float, default=0.8, help="the rule's constant (η, or θ/ν)")
+    parser.add_argument(
+        "--eta", type=positive_float, default=0.8, help="the rule's constant (η, or θ/ν; noise_scale: multiplier 1/η²)"
+    )
     parser.add_argument("--lr", type=positive_float, default=0.3, help="learning rate")
     parser.add_argument("--batch-size", type=at_least(1), default=16, help="first (and smallest) batch size")
     parser.add_argument("--max-batch-size", type=at_least(1), default=48, help="the rule's cap")

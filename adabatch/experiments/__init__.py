@@ -3,6 +3,9 @@ matplotlib, tqdm).
 
 * :mod:`adabatch.experiments.lr_vs_batch`: the optimal learning rate as a function of the batch size, fitted with
   the linear, square-root and surge laws, against the measured gradient noise scale.
+* :mod:`adabatch.experiments.adadagrad`: AdAdaGrad's batch-size tests with AdaGrad and AdaGrad-Norm against fixed
+  batches, a batch-size warm-up and AdaScale, at equal sample budgets (steps and samples to the small batch's
+  accuracy, batch-size trajectories against the measured noise scale, the steps/samples trade-off).
 """
 
-__all__ = ["lr_vs_batch"]
+__all__ = ["adadagrad", "lr_vs_batch"]

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import optax
 
 from adabatch import stats as st
+from adabatch.experiments._io import json_safe, machine
 from adabatch.optimizers import ScaleByBeliefState
 from adabatch.stats import grad_stats
 
@@ -418,15 +418,6 @@ def _noise_scale_run(problem, opt, name, batch_size, lr, grid, params0) -> dict[
     }
 
 
-def _json_safe(node: Any) -> Any:
-    """Non-finite floats (a diverged run, an unbounded interval) become None."""
-    if isinstance(node, dict):
-        return {k: _json_safe(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_json_safe(v) for v in node]
-    return None if isinstance(node, float) and not np.isfinite(node) else node
-
-
 def _as_floats(tree: dict) -> dict:
     return {k: (bool(v) if jnp.result_type(v) == jnp.bool_ else float(v)) for k, v in tree.items()}
 
@@ -621,13 +612,7 @@ def run(
         "command": command
         or f"adabatch experiment lr-vs-batch --optimizer {optimizer} --data {data}" + (" --quick" if quick else ""),
         "grid": dataclasses.asdict(grid),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },  # fmt: skip
+        "machine": machine(),
         "batch_sizes": batch_sizes.tolist(),
         "learning_rates": lrs.tolist(),
         "losses": losses.tolist(),
@@ -646,9 +631,9 @@ def run(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(
-            json.dumps(_json_safe(result), indent=1, allow_nan=False)
+            json.dumps(json_safe(result), indent=1, allow_nan=False)
         )  # first: plots may fail
         (out / "summary.md").write_text(_summary(result))
         result["plots"] = _plot(dict(result, losses=np.where(np.isfinite(losses), losses, np.inf).tolist()), out)
-        (out / "results.json").write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
+        (out / "results.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
     return result

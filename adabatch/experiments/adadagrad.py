@@ -1,0 +1,435 @@
+r"""Do AdAdaGrad's claims hold? Every batch-size test with AdaGrad and AdaGrad-Norm against fixed batches, a
+batch-size warm-up and AdaScale, at equal sample budgets.
+
+Lau, Liu and Kolar claim that their adaptive batch-size tests, with AdaGrad or AdaGrad-Norm, grow the batch
+*incrementally* and reach the accuracy of small-batch training in far fewer steps, and that the coordinate-wise
+test suits coordinate-wise AdaGrad. This experiment runs the protocol of the authors' code
+(``timlautk/AdAdaGrad``, ``expt.sh`` for MNIST), transposed to scikit-learn's digits:
+
+============================  ==============================  ==============================================
+constant                      authors (MNIST, 60 000 train)    here (digits, 1 150 train)
+============================  ==============================  ==============================================
+initial batch size            8 (CNN; 2 for logistic reg.)     8
+maximal batch size            60 000 = the training set        1 150 = the training set
+test interval                 every step                       every step
+η (norm test)                 0.1                              0.1, then a sweep 0.1 … 2
+θ, ν (inner-product tests)    0.1 (command-line defaults)      0.1, then the same sweep (θ = ν)
+budget                        6 000 000 samples = 100 epochs   ``epochs`` × 1 150 (40 epochs: the small-batch
+                                                               baseline has converged; 100 would only add
+                                                               steps at the same accuracy)
+learning rate                 8e-3, constant (AdaGrad)         tuned per arm on one grid per optimizer
+AdaGrad                       torch: v₀ = 0, ε = 1e-10 outside  the same (:func:`adabatch.adagrad`)
+============================  ==============================  ==============================================
+
+The data set size does not transpose, so the cap and the budget are stated relative to it (the whole training set;
+epochs). 288 of the 1,438 digits training examples are held out as a validation set that tunes the learning rates;
+the 359 test examples are only reported.
+
+Arms (each run for exactly the same number of examples; the last batch is cut to the budget):
+
+* ``fixed-B``: a fixed batch ``B`` for every size in ``fixed_batch_sizes`` (the small baseline is the first), with
+  AdaGrad and with AdaGrad-Norm;
+* ``warmup-k``: the batch doubles every ``k`` steps from the initial size to the cap (the warm-up recipe of
+  large language-model training), with both optimizers;
+* ``adascale-B``: SGD with AdaScale's gain at a fixed batch ``B`` (base batch the initial size), against
+  ``fixed-8/sgd``;
+* ``<test>/<optimizer>``: the norm, inner-product, augmented inner-product and coordinate-wise tests and the
+  noise-scale rule (:func:`adabatch.rules.noise_scale_rule`, multiplier :math:`c = 1/\eta^2` so that it asks for
+  the same :math:`B_\text{simple}/\eta^2` as the norm test with its smoothed estimate) with both optimizers, at
+  the authors' constant and at each constant of the sweep.
+
+Every (arm, constant) gets its own learning rate: the grid value with the lowest mean final validation loss over
+``tuning_seeds`` seeds that are *not* the evaluation seeds. It is then run on ``seeds`` evaluation seeds, which fix
+the initialisation and the order of the examples; every arm of one seed sees the same initialisation and the same
+example stream (common random numbers), so comparisons are paired by seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adabatch import rules
+from adabatch import stats as st
+from adabatch.experiments import _adadagrad_report as report
+from adabatch.experiments._io import json_safe, machine
+from adabatch.experiments._variable_batch import Problem, Run, make_run, stream
+from adabatch.optimizers import adagrad, adagrad_norm
+from adabatch.scaling import adascale
+
+__all__ = [
+    "DATASETS",
+    "OPTIMIZERS",
+    "RULES",
+    "Arm",
+    "Protocol",
+    "arms",
+    "default_protocol",
+    "problem",
+    "reanalyse",
+    "run",
+    "write",
+]
+
+DATASETS = ("digits", "text")
+OPTIMIZERS = ("adagrad", "adagrad_norm")
+RULES = ("norm", "inner_product", "augmented_inner_product", "coordinate_norm", "noise_scale")
+AUTHORS_CONSTANT = 0.1  # η of expt.sh (MNIST); θ = ν = 0.1 are the command-line defaults of main.py
+_BASES: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "adagrad": lambda: adagrad(1.0),
+    "adagrad_norm": lambda: adagrad_norm(1.0),
+    "sgd": lambda: optax.sgd(1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One experiment's settings (see the module docstring)."""
+
+    data: str
+    epochs: float  # budget in passes over the training set
+    init_batch_size: int
+    fixed_batch_sizes: tuple[int, ...]  # the first is the small baseline
+    warmup_periods: tuple[int, ...]  # steps between doublings
+    adascale_batch_sizes: tuple[int, ...]
+    constants: tuple[float, ...]  # η (θ = ν) of the sweep; the first is the authors'
+    learning_rates: tuple[tuple[str, tuple[float, ...]], ...]  # per optimizer
+    tuning_seeds: int
+    seeds: int
+    sample_evals: int
+    width: int
+    target_tolerance: float  # the target is the small baseline's final test metric minus this
+    rules: tuple[str, ...] = RULES
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    train_examples: int = 0  # use only the first this many training examples (0: all)
+    max_batch_size: int = 0  # the rules' cap and the warm-up's last size (0: the whole training set)
+    noise_examples: int = 0  # B_simple is measured on the first this many training examples (0: all)
+
+    def lrs(self, optimizer: str) -> tuple[float, ...]:
+        return dict(self.learning_rates)[optimizer]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm: how the batch size is chosen and which optimizer steps."""
+
+    kind: str  # "fixed", "warmup", "adascale" or "rule"
+    optimizer: str  # "adagrad", "adagrad_norm" or "sgd"
+    batch_size: int = 0  # fixed / adascale batch, warm-up start
+    period: int = 0  # warm-up doubling period
+    rule: str = ""  # one of RULES
+    constant: float = 0.0  # η (θ = ν) of a rule
+
+    @property
+    def name(self) -> str:
+        what = {
+            "fixed": f"fixed-{self.batch_size}",
+            "warmup": f"warmup-{self.period}",
+            "adascale": f"adascale-{self.batch_size}",
+            "rule": f"{self.rule}(η={self.constant:g})",
+        }[self.kind]
+        return f"{what}/{self.optimizer}"
+
+
+def _lr_grid(lo: float, hi: float) -> tuple[float, ...]:
+    return tuple(float(v) for v in 2.0 ** np.arange(lo, hi + 1e-9))
+
+
+def default_protocol(data: str = "digits", quick: bool = False) -> Protocol:
+    """The full protocol (≤ 20 minutes on 2 CPU cores for digits) or the ``quick`` one (seconds, for tests)."""
+    if data not in DATASETS:
+        raise ValueError(f"data must be one of {', '.join(map(repr, DATASETS))}; got {data!r}")
+    lrs = (("adagrad", _lr_grid(-9, -2)), ("adagrad_norm", _lr_grid(-4, 3)), ("sgd", _lr_grid(-5, 2)))
+    if quick:
+        return Protocol(data, epochs=2, init_batch_size=8, fixed_batch_sizes=(8, 64), warmup_periods=(4,),
+                        adascale_batch_sizes=(64,), constants=(AUTHORS_CONSTANT, 1.0),
+                        learning_rates=tuple((k, v[2:6:3]) for k, v in lrs), tuning_seeds=1, seeds=2, sample_evals=4,
+                        width=8, target_tolerance=0.05, rules=("norm",), optimizers=("adagrad_norm",),
+                        train_examples=128)  # fmt: skip
+    if data == "digits":
+        return Protocol(data, epochs=40, init_batch_size=8, fixed_batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024),
+                        warmup_periods=(16, 64, 256), adascale_batch_sizes=(64, 512),
+                        constants=(AUTHORS_CONSTANT, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0), learning_rates=lrs,
+                        tuning_seeds=2, seeds=5, sample_evals=40, width=32, target_tolerance=0.005)  # fmt: skip
+    return Protocol(data, epochs=1, init_batch_size=8, fixed_batch_sizes=(8, 32, 128, 512), warmup_periods=(32,),
+                    adascale_batch_sizes=(), constants=(AUTHORS_CONSTANT, 0.5, 1.0, 2.0),
+                    learning_rates=tuple((k, v[1::2]) for k, v in lrs), tuning_seeds=1, seeds=5, sample_evals=20,
+                    width=32, target_tolerance=0.02, rules=("norm", "coordinate_norm"), max_batch_size=512,
+                    noise_examples=1024)  # fmt: skip
+
+
+def problem(data: str, width: int, train_examples: int = 0, noise_examples: int = 0) -> Problem:
+    """The digits MLP (one hidden layer of ``width``) or the pydoc-text transformer LM, with the validation split
+    (and only the first ``train_examples`` training examples when positive; B_simple measured on the first
+    ``noise_examples``)."""
+    from adabatch.datasets import load_digits, load_text
+    from adabatch.flax.models import MLP, TransformerLM, classification_loss, language_model_loss
+
+    if data == "digits":
+        split, n_val = load_digits(), 288
+        model: Any = MLP(features=(width,))
+        loss_fn = classification_loss(model.apply)
+    else:
+        split, n_val = load_text(seq_len=32), 512
+        model = TransformerLM(d_model=width, num_heads=2, num_layers=1, max_len=32)
+        loss_fn = language_model_loss(model.apply)
+    end = n_val + train_examples if train_examples > 0 else None
+    x, y = jnp.asarray(split.x_train[n_val:end]), jnp.asarray(split.y_train[n_val:end])
+    val = (jnp.asarray(split.x_train[:n_val]), jnp.asarray(split.y_train[:n_val]))
+    test = (jnp.asarray(split.x_test[:2048]), jnp.asarray(split.y_test[:2048]))
+
+    def accuracy(params, batch):
+        return jnp.mean(jnp.argmax(model.apply({"params": params}, batch[0]), -1) == batch[1])
+
+    def evaluate(params):
+        val_loss = jnp.mean(loss_fn(params, val))
+        if data == "digits":
+            return {"test": accuracy(params, test), "val_loss": val_loss, "val_metric": accuracy(params, val)}
+        return {"test": jnp.mean(loss_fn(params, test)), "val_loss": val_loss, "val_metric": val_loss}
+
+    return Problem(
+        name=data,
+        loss_fn=loss_fn,
+        init_fn=lambda key: model.init(key, x[:1])["params"],
+        x=x,
+        y=y,
+        evaluate=evaluate,
+        higher_is_better=data == "digits",
+        metric="test accuracy" if data == "digits" else "held-out loss",
+        noise_examples=noise_examples,
+    )
+
+
+def arms(protocol: Protocol) -> list[Arm]:
+    """Every arm of the protocol, the small fixed baselines first; rule arms once per constant of the sweep."""
+    out = [Arm("fixed", opt, b) for opt in protocol.optimizers for b in protocol.fixed_batch_sizes]
+    out += [
+        Arm("warmup", opt, protocol.init_batch_size, k) for opt in protocol.optimizers for k in protocol.warmup_periods
+    ]
+    if protocol.adascale_batch_sizes:
+        out.append(Arm("fixed", "sgd", protocol.init_batch_size))
+        out += [Arm("adascale", "sgd", b) for b in protocol.adascale_batch_sizes]
+    out += [
+        Arm("rule", opt, protocol.init_batch_size, rule=rule, constant=c)
+        for rule in protocol.rules
+        for opt in protocol.optimizers
+        for c in protocol.constants
+    ]
+    return out
+
+
+def _rule(name: str, constant: Any, cap: int, init: int) -> optax.GradientTransformationExtraArgs:
+    shared = {"max_batch_size": cap, "init_batch_size": init}
+    if name == "norm":
+        return rules.norm_test(constant, **shared)
+    if name == "inner_product":
+        return rules.inner_product_test(constant, **shared)
+    if name == "augmented_inner_product":
+        return rules.augmented_inner_product_test(constant, constant, **shared)
+    if name == "coordinate_norm":
+        return rules.coordinate_norm_test(constant, **shared)
+    return rules.noise_scale_rule(1.0 / constant**2, **shared)
+
+
+def _spec(arm: Arm, protocol: Protocol, n: int, params: Any) -> Run:
+    """The compiled run's static description; arms that differ only in traced arguments share one."""
+    base = _BASES[arm.optimizer]
+    cap = protocol.max_batch_size or n
+    if arm.kind == "rule":
+        make_tx: Callable[[Any], optax.GradientTransformation] = lambda c: optax.chain(  # noqa: E731
+            _rule(arm.rule, c, cap, protocol.init_batch_size), base()
+        )
+        needs: st.GradStatsNeeds | None = st.declared_needs(make_tx(AUTHORS_CONSTANT).init(params))
+    elif arm.kind == "adascale":
+        make_tx = lambda c: optax.chain(base(), adascale(protocol.init_batch_size))  # noqa: E731
+        needs = st.GradStatsNeeds()
+    else:
+        make_tx, needs = (lambda c: base()), None
+    return Run(
+        make_tx=make_tx,
+        rule=arm.kind == "rule",
+        needs=needs,
+        min_batch_size=min(arm.batch_size, protocol.init_batch_size) if arm.kind != "adascale" else arm.batch_size,
+        max_batch_size=cap,
+        samples=int(round(protocol.epochs * n)),
+        sample_evals=protocol.sample_evals,
+        measure_noise_scale=arm.kind == "rule",
+    )
+
+
+def _structure(arm: Arm) -> tuple:
+    """Arms with the same structure share one compilation."""
+    if arm.kind == "rule":
+        return ("rule", arm.rule, arm.optimizer)
+    if arm.kind == "adascale":
+        return ("adascale", arm.batch_size)
+    return ("schedule", arm.optimizer)
+
+
+def _rle(batch: np.ndarray) -> list[list[int]]:
+    """Run-length encoding ``[[size, steps], ...]`` of the per-step batch sizes (budget exhausted: dropped)."""
+    batch = batch[batch > 0]
+    if len(batch) == 0:
+        return []
+    starts = np.flatnonzero(np.diff(batch, prepend=-1))
+    lengths = np.diff(np.append(starts, len(batch)))
+    return [[int(batch[s]), int(k)] for s, k in zip(starts, lengths, strict=True)]
+
+
+def _record(out: dict) -> dict[str, Any]:
+    k = int(out["eval_count"])
+    evals = {name: np.asarray(v)[:k].tolist() for name, v in out["evals"].items()}
+    batch = np.asarray(out["batch"])
+    return {"evals": evals, "batch": _rle(batch), "steps": int((batch > 0).sum()), "samples": int(out["samples"])}
+
+
+class _Runner:
+    """Compiles each structure once and runs (arm, learning rate, seed) triples."""
+
+    def __init__(self, protocol: Protocol, prob: Problem):
+        self.protocol, self.problem = protocol, prob
+        self.n = int(prob.x.shape[0])
+        self.compiled: dict[tuple, Callable] = {}
+        self.params: dict[int, Any] = {}
+        self.orders: dict[int, jax.Array] = {}
+
+    def _seed(self, seed: int):
+        if seed not in self.params:
+            self.params[seed] = self.problem.init_fn(jax.random.key(seed))
+            length = int(round(self.protocol.epochs * self.n)) + self.n + 1
+            self.orders[seed] = jnp.asarray(stream(self.n, length, seed))
+        return self.params[seed], self.orders[seed]
+
+    def __call__(self, arm: Arm, lr: float, seed: int, measure: bool = True) -> dict[str, Any]:
+        params, order = self._seed(seed)
+        key = _structure(arm)
+        if key not in self.compiled:
+            self.compiled[key] = make_run(self.problem, _spec(arm, self.protocol, self.n, params))
+        out = self.compiled[key](
+            params,
+            order,
+            jnp.float32(lr),
+            jnp.float32(arm.constant or AUTHORS_CONSTANT),
+            jnp.int32(arm.batch_size),
+            jnp.int32(arm.period),
+            jnp.bool_(measure),
+        )
+        return _record(jax.device_get(out))
+
+
+def _final(record: dict) -> float:
+    loss = record["evals"]["val_loss"][-1]
+    return float(loss) if np.isfinite(loss) else float("inf")
+
+
+def _tune_and_run(runner: _Runner, arm: Arm, tick: Callable[[], None]) -> dict[str, Any]:
+    """Tune the learning rate on the tuning seeds, then run the evaluation seeds at the chosen one."""
+    protocol = runner.protocol
+    lrs = protocol.lrs(arm.optimizer)
+    tuning_seeds = [10_000 + s for s in range(protocol.tuning_seeds)]
+    losses = []
+    for lr in lrs:
+        row = []
+        for seed in tuning_seeds:
+            row.append(_final(runner(arm, lr, seed, measure=False)))
+            tick()
+        losses.append(row)
+    mean = np.mean(np.asarray(losses), axis=1)
+    best = int(np.argmin(mean))
+    runs = []
+    for seed in range(protocol.seeds):
+        runs.append(runner(arm, lrs[best], seed))
+        tick()
+    return {
+        "arm": dataclasses.asdict(arm) | {"name": arm.name},
+        "learning_rate": lrs[best],
+        "lr_at_edge": best in (0, len(lrs) - 1),
+        "tuning_val_loss": mean.tolist(),
+        "runs": runs,
+    }
+
+
+def _progress(total: int, enabled: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    if not enabled:
+        return (lambda: None), (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="adadagrad experiment", unit="run")
+    return (lambda: bar.update(1)), bar.close
+
+
+def _runs_per_arm(protocol: Protocol) -> int:
+    return len(protocol.lrs("adagrad")) * protocol.tuning_seeds + protocol.seeds
+
+
+def run(
+    data: str = "digits",
+    *,
+    quick: bool = False,
+    out: str | Path | None = None,
+    protocol: Protocol | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run every arm, analyse, and write ``results.json``, ``summary.md`` and PNG plots to ``out`` (when given).
+
+    Returns the results dictionary (the same as ``results.json``).
+    """
+    if protocol is None:
+        protocol = default_protocol(data, quick)
+    start = time.time()
+    prob = problem(protocol.data, protocol.width, protocol.train_examples, protocol.noise_examples)
+    runner = _Runner(protocol, prob)
+    all_arms = arms(protocol)
+    tick, close = _progress(len(all_arms) * _runs_per_arm(protocol), progress)
+    try:
+        results = [_tune_and_run(runner, arm, tick) for arm in all_arms]
+    finally:
+        close()
+    result: dict[str, Any] = {
+        "experiment": "adadagrad",
+        "command": command or f"adabatch experiment adadagrad --data {protocol.data}" + (" --quick" if quick else ""),
+        "protocol": dataclasses.asdict(protocol),
+        "training_examples": runner.n,
+        "max_batch_size": protocol.max_batch_size or runner.n,
+        "metric": prob.metric,
+        "higher_is_better": prob.higher_is_better,
+        "machine": machine(),
+        "arms": results,
+        "compilations": len(runner.compiled),
+    }
+    result["analysis"] = report.analyse(result)
+    result["elapsed_s"] = time.time() - start
+    if out is not None:
+        write(result, out)
+    return result
+
+
+def write(result: dict[str, Any], out: str | Path) -> None:
+    """Write ``results.json`` (first: plotting may fail), the PNG plots and ``summary.md`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
+    result["plots"] = report.plot(result, out)
+    (out / "summary.md").write_text(report.summary(result))
+    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
+
+
+def reanalyse(out: str | Path) -> dict[str, Any]:
+    """Recompute the analysis, plots and summary of an existing ``out/results.json`` without training."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the experiment first")
+    result = json.loads(path.read_text())
+    result["analysis"] = report.analyse(result)
+    write(result, out)
+    return result
