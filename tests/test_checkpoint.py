@@ -115,11 +115,19 @@ def test_resumed_run_is_bit_identical(tmp_path, uninterrupted, stop_at):
     assert tree_bytes(resumed.state) == tree_bytes(uninterrupted.state)  # params, opt_state, counters, key
 
 
-def test_resume_with_another_seed_is_refused(tmp_path):
+def test_resume_with_another_seed_or_optimizer_is_refused_naming_what_differs(tmp_path):
     step, state = make_run()
     fit(step, state, DATA, num_steps=3, init_batch_size=4, seed=1, checkpoint_dir=str(tmp_path))
-    with pytest.raises(CheckpointError, match="seed"):
+    with pytest.raises(CheckpointError, match="seed: 1 in the checkpoint, 2 now"):
         fit(step, state, DATA, num_steps=6, init_batch_size=4, seed=2, checkpoint_dir=str(tmp_path), resume=True)
+    # Another optimizer: its state has another tree; the message says so in one line instead of a tree dump.
+    tx = optax.chain(rules.norm_test(0.25, max_batch_size=256), optax.adam(0.1))
+    other_step, other = make_train_step(linear_loss, tx, micro_batch_size=4), init_train_state(zeros_params(), tx)
+    with pytest.raises(CheckpointError) as info:
+        fit(other_step, other, DATA, num_steps=6, init_batch_size=4, seed=1, checkpoint_dir=str(tmp_path), resume=True)
+    message = str(info.value)
+    assert "optimizer state" in message and "ScaleByAdagradNormState" in message and "ScaleByAdamState" in message
+    assert "corrupt" not in message and len(message) < 400
 
 
 def test_missing_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path):

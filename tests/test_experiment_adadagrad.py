@@ -175,3 +175,16 @@ def test_command_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "adadagrad", "--seeds", "1"])
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_text_problem_is_a_language_model_with_a_held_out_loss():
+    from adabatch.experiments import adadagrad
+
+    prob = adadagrad.problem("text", 8, train_examples=64, noise_examples=32)
+    metrics = prob.evaluate(prob.init_fn(jax.random.key(0)))
+    assert prob.x.shape == (64, 32) and not prob.higher_is_better and prob.metric == "held-out loss"
+    # an untrained byte-level model's loss is close to log(256)
+    assert abs(float(metrics["test"]) - np.log(256)) < 0.5
+    assert adadagrad.default_protocol("text").max_batch_size == 512
+    with pytest.raises(ValueError, match="data"):
+        adadagrad.default_protocol("images")

@@ -66,8 +66,9 @@ def adascale(
 
     with :math:`p=1` (``"sgd"``) or :math:`\tfrac12` (``"adam"``), :math:`u_t` the incoming update and
     :math:`\eta` = ``schedule`` (1 when None). :math:`1\le r_t\le S` for :math:`S\ge1`. Smoothing the raw estimates
-    and clamping on read keeps the averages unbiased (FairScale clamps each step before smoothing, which biases
-    :math:`\sigma^2` upwards). The per-example form needs no rescaling of the averages when :math:`S` changes.
+    and clamping on read keeps the averages unbiased (FairScale clamps each step's estimates before smoothing: a
+    negative :math:`\hat\mu^2`, frequent when the noise dominates, becomes 0, which biases its :math:`\mu^2`
+    upwards; its variance floor rarely binds). The per-example form needs no rescaling of the averages when :math:`S` changes.
     Statistics that are not finite (or :math:`b<2`) skip the averages; before any finite statistics
     :math:`r_t = 1`. Progress is always advanced by :math:`r_t` (as Pollux does for both forms).
 

@@ -104,6 +104,31 @@ class Checkpointer:
         manager.wait_until_finished()
         return True
 
+    def _resolve(self, step: int | None) -> tuple[Any, int]:
+        """The manager and the step to read (default the latest); CheckpointError when there is none."""
+        manager = self._open(create=False)
+        steps = [] if manager is None else list(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        step = max(steps) if step is None else int(step)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {sorted(steps)}")
+        return manager, step
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of checkpoint ``step`` (default the latest) alone, without reading the state.
+
+        Raises:
+          CheckpointError: no such checkpoint, or no readable metadata record.
+        """
+        manager, step = self._resolve(step)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as exc:  # orbax raises many types for damaged files
+            where = os.path.join(self.directory, str(step))
+            raise CheckpointError(f"checkpoint {where} has no readable metadata record: {exc}") from exc
+        return dict(restored.meta or {})
+
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
         """The state of checkpoint ``step`` (default the latest) in the structure of ``like``, and its metadata.
 
@@ -113,13 +138,7 @@ class Checkpointer:
           CheckpointError: no checkpoint, an unreadable (corrupt, truncated) one, or one whose tree, shapes or dtypes
             differ from ``like``.
         """
-        manager = self._open(create=False)
-        steps = [] if manager is None else list(manager.all_steps())
-        if not steps:
-            raise CheckpointError(f"no checkpoint found in {self.directory}")
-        step = max(steps) if step is None else int(step)
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {sorted(steps)}")
+        manager, step = self._resolve(step)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         where = os.path.join(self.directory, str(step))
         try:

@@ -63,6 +63,43 @@ def _place(x: Any, sharding: Any) -> Any:
     return jax.device_put(x, sharding)
 
 
+def _state_types(opt_state: Any) -> str:
+    """The optimizer state's NamedTuple types in tree order, e.g. ``"BatchSizeTestState, ScaleByAdagradNormState"``:
+    what tells one optimizer or rule from another in a checkpoint's metadata."""
+    names: list[str] = []
+
+    def visit(node: Any) -> None:
+        if hasattr(node, "_fields"):
+            names.append(type(node).__name__)
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for key in sorted(node):
+                visit(node[key])
+
+    visit(opt_state)
+    return ", ".join(names)
+
+
+def _check_same_run(checkpointer: Any, checkpoint_dir: Any, meta: dict) -> None:
+    """Raise a CheckpointError naming every setting in which the latest checkpoint's run differs from this one."""
+    from adabatch.training._checkpoint import CheckpointError
+
+    saved = checkpointer.metadata()
+    labels = {"optimizer_state": "optimizer state (the optimizer or rule)", "init_batch_size": "init_batch_size"}
+    differ = [
+        f"{labels.get(key, key)}: {saved[key]!r} in the checkpoint, {value!r} now"
+        for key, value in meta.items()
+        if key in saved and saved[key] != value  # an older checkpoint without a key is not refused for it
+    ]
+    if differ:
+        checkpointer.close()
+        raise CheckpointError(
+            f"the checkpoint in {checkpoint_dir} was written by a different run; " + "; ".join(differ)
+        )
+
+
 def fit(
     step: TrainStep,
     state: TrainState,
@@ -140,7 +177,12 @@ def fit(
             f"init_batch_size={batch_size} exceeds the {total} examples of the data set; capped", stacklevel=2
         )
         batch_size = total
-    meta = {"seed": int(seed), "num_examples": total, "init_batch_size": int(batch_size)}
+    meta = {
+        "seed": int(seed),
+        "num_examples": total,
+        "init_batch_size": int(batch_size),
+        "optimizer_state": _state_types(state.opt_state),
+    }
     state = strong(state)
     layout = step.state_sharding(state)  # None without a mesh
     checkpointer = None
@@ -149,12 +191,8 @@ def fit(
 
         checkpointer = Checkpointer(checkpoint_dir)
         if resume:  # with a mesh, every process reads only the shards its devices hold, in the step's layout
-            state, saved = checkpointer.restore(_abstract(state, layout))
-            if any(saved.get(key) != value for key, value in meta.items()):
-                checkpointer.close()
-                raise CheckpointError(
-                    f"the checkpoint in {checkpoint_dir} was written by a run with {saved}; got {meta}"
-                )
+            _check_same_run(checkpointer, checkpoint_dir, meta)  # before the state: a clear message, not a tree dump
+            state, _ = checkpointer.restore(_abstract(state, layout))
         elif (latest := checkpointer.latest_step()) is not None:
             checkpointer.close()
             raise CheckpointError(
