@@ -6,7 +6,7 @@ The public names live flat here and, by layer, in the subpackages (lowest first)
 * :mod:`adabatch.rules` — the batch-size tests, the noise-scale rule, the learned optimal SGD batch size;
   :func:`next_batch_size`;
 * :mod:`adabatch.optimizers` — AdaGrad, AdaGrad-Norm, AdaBelief, AdAdaGrad, Eve, Tom, MaxVA, ActiveLR, AdaLomo,
-  CLARS;
+  CLARS, EXTRAP-SGD;
 * :mod:`adabatch.curvature` — Hessian / Gauss-Newton vector products, Lanczos, SLQ spectra (:class:`Spectrum`);
 * :mod:`adabatch.scaling` — learning rate as a function of batch size, AdaScale;
 * :mod:`adabatch.training` — the jitted step, the host loop, data order, checkpoints;
@@ -43,6 +43,7 @@ from adabatch.optimizers import (
     ScaleByBeliefState,
     ScaleByClarsState,
     ScaleByEveState,
+    ScaleByExtrapSGDState,
     ScaleByMaxVAState,
     ScaleByTomState,
     active_adabelief,
@@ -57,13 +58,17 @@ from adabatch.optimizers import (
     clars,
     eve,
     evew,
+    extrap_sgd,
+    extrapolate,
     maxva,
+    needs_extrapolated_grads,
     scale_by_adagrad,
     scale_by_adagrad_norm,
     scale_by_adalomo,
     scale_by_belief,
     scale_by_clars,
     scale_by_eve,
+    scale_by_extrap_sgd,
     scale_by_maxva,
     scale_by_tom,
     tom,
@@ -171,6 +176,7 @@ __all__ = [
     "ScaleByBeliefState",
     "ScaleByClarsState",
     "ScaleByEveState",
+    "ScaleByExtrapSGDState",
     "ScaleByMaxVAState",
     "ScaleBySampleScheduleState",
     "ScaleByTomState",
@@ -199,6 +205,8 @@ __all__ = [
     "device_grad_stats",
     "eve",
     "evew",
+    "extrap_sgd",
+    "extrapolate",
     "fit",
     "from_group_means",
     "ggn_vp",
@@ -215,6 +223,7 @@ __all__ = [
     "lanczos",
     "make_train_step",
     "maxva",
+    "needs_extrapolated_grads",
     "next_batch_size",
     "noise_scale_rule",
     "norm_test",
@@ -232,6 +241,7 @@ __all__ = [
     "scale_by_belief",
     "scale_by_clars",
     "scale_by_eve",
+    "scale_by_extrap_sgd",
     "scale_by_maxva",
     "scale_by_sample_schedule",
     "scale_by_tom",

@@ -85,10 +85,12 @@ def test_help_shows_defaults(capsys):
 
 def test_every_optimizer_and_rule_of_the_command_line_builds_and_steps():
     # build_tx is what --optimizer/--rule select; each combination must take one step from the training step's input
-    # (the mean gradient plus the statistics it declares), finite and of the parameters' shape.
+    # (the mean gradient plus the statistics it declares, and the second gradient when it declares that need, as for
+    # extrap_sgd), finite and of the parameters' shape.
     import jax
     import jax.numpy as jnp
 
+    from adabatch import optimizers as o
     from adabatch import stats as st
     from adabatch.cli._train import OPTIMIZERS, RULES, build_tx
 
@@ -105,6 +107,10 @@ def test_every_optimizer_and_rule_of_the_command_line_builds_and_steps():
                 inner_sq_sum=needs.inner_sq_sum,
                 leaf_sq_norm_sum=needs.leaf_sq_norm_sum,
             )
-            updates, _ = tx.update(stats.mean, state, params, grad_stats=stats)
+            extra = {}
+            if o.needs_extrapolated_grads(state):  # the training step's gradient at the extrapolated point
+                extra["extrapolated_grads"] = jax.tree_util.tree_map(lambda g: 0.5 * g, stats.mean)
+            updates, _ = tx.update(stats.mean, state, params, grad_stats=stats, **extra)
             for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
                 assert u.shape == p.shape and bool(jnp.all(jnp.isfinite(u))), (optimizer, rule)
+    assert "extrap_sgd" in OPTIMIZERS

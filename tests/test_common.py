@@ -3,7 +3,8 @@
 The registry holds every public factory that returns an ``optax.GradientTransformation`` (checked against the
 public names by :func:`test_registry_covers_every_public_transformation`), each with the arguments of one instance and
 the inputs its ``update`` needs: per-example gradients on the leading axis (built with ``per_example=True``), or
-the mean gradient plus the ``grad_stats=`` extra argument, and/or the ``batch_size=`` extra argument.
+the mean gradient plus the ``grad_stats=`` extra argument, and/or the ``batch_size=`` extra argument, and/or the
+gradient at an extrapolated point as ``extrapolated_grads=`` (EXTRAP-SGD).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from adabatch import optimizers, rules, scaling, stats, training
 
 
 class Entry:
-    def __init__(self, factory, kwargs, stats=None, batch_size=False, step=None, static_args=()):
+    def __init__(self, factory, kwargs, stats=None, batch_size=False, step=None, static_args=(), extrapolated=False):
         """``stats``: how ``update`` reads per-example statistics: None (it does not), ``"per_example"``
         (per-example gradients as ``updates``) or ``"grad_stats"`` (the mean as ``updates`` and
         ``grad_stats=``). ``batch_size``: ``update`` needs the ``batch_size=`` extra argument. ``step``: for a
         transformation that does not descend by itself (a ``scale_by_*``, a rule, a scaling law), the learning rate of
         the ``optax.scale(-step)`` chained after it in the convergence test. ``static_args``: the non-numeric
-        arguments ``optax.inject_hyperparams`` must leave alone."""
+        arguments ``optax.inject_hyperparams`` must leave alone. ``extrapolated``: ``update`` needs the gradient at the
+        extrapolated point as ``extrapolated_grads=`` (the convergence test computes it at
+        ``optimizers.extrapolate``; the other tests pass half the mean gradient as a stand-in)."""
         self.factory, self.kwargs, self.stats, self.batch_size = factory, kwargs, stats, batch_size
-        self.step, self.static_args = step, static_args
+        self.step, self.static_args, self.extrapolated = step, static_args, extrapolated
 
     def make(self):
         return self.factory(**self.kwargs)
@@ -79,6 +82,10 @@ REGISTRY = {
     "maxva": Entry(optimizers.maxva, dict(learning_rate=0.05)),
     "scale_by_adalomo": Entry(optimizers.scale_by_adalomo, dict(), step=0.05),
     "adalomo": Entry(optimizers.adalomo, dict(learning_rate=0.05)),
+    "scale_by_extrap_sgd": Entry(
+        optimizers.scale_by_extrap_sgd, dict(extrapolation_rate=0.05), step=0.05, extrapolated=True
+    ),
+    "extrap_sgd": Entry(optimizers.extrap_sgd, dict(learning_rate=0.05), extrapolated=True),
     "active_lr": Entry(optimizers.active_lr, dict(inner=optax.sgd(0.05), period=4), static_args=("inner",)),
     "active_adam": Entry(optimizers.active_adam, dict(learning_rate=0.05, period=4)),
     "active_adabelief": Entry(optimizers.active_adabelief, dict(learning_rate=0.05, period=4)),
@@ -155,6 +162,8 @@ def _inputs(entry, per_example, via=None):
     mean, plus ``grad_stats=`` and/or ``batch_size=`` as the entry needs (``via`` overrides ``entry.stats``)."""
     via = via or entry.stats
     extra = {"batch_size": jnp.int32(B)} if entry.batch_size else {}
+    if entry.extrapolated:  # a stand-in for the gradient at the extrapolated point
+        extra["extrapolated_grads"] = jax.tree_util.tree_map(lambda a: 0.5 * jnp.mean(a, 0), per_example)
     if via == PE:
         return per_example, extra
     mean = jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), per_example)
@@ -184,13 +193,15 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 @functools.cache
-def _cached_inputs(via, batch_size, dtype, seed):
-    """``_gradients`` of an entry with these ``stats``/``batch_size`` needs, computed once and shared by all entries."""
-    return _inputs(Entry(None, {}, stats=via, batch_size=batch_size), _per_example(_params(dtype), seed))
+def _cached_inputs(via, batch_size, dtype, seed, extrapolated=False):
+    """``_gradients`` of an entry with these ``stats``/``batch_size``/``extrapolated`` needs, computed once and
+    shared by all entries."""
+    entry = Entry(None, {}, stats=via, batch_size=batch_size, extrapolated=extrapolated)
+    return _inputs(entry, _per_example(_params(dtype), seed))
 
 
 def _entry_inputs(entry, dtype, seed, via=None):
-    return _cached_inputs(via or entry.stats, entry.batch_size, dtype, seed)
+    return _cached_inputs(via or entry.stats, entry.batch_size, dtype, seed, entry.extrapolated)
 
 
 def _placed_init(tx, params):
@@ -286,6 +297,9 @@ def _compositions(name):
         idx = (jnp.arange(B) + B * k) % 64
         per_ex = jax.vmap(jax.grad(lambda q, i: _convergence_losses(q, i[None])[0]), in_axes=(None, 0))(p, idx)
         g, extra = _inputs(entry, per_ex)
+        if entry.extrapolated:  # the mean gradient of the same examples at the extrapolated point
+            tilde = optimizers.extrapolate(p, s, g)
+            extra["extrapolated_grads"] = jax.grad(lambda q: jnp.mean(_convergence_losses(q, idx)))(tilde)
         u, s = descending.update(g, s, p, **extra)
         return (optax.apply_updates(p, u), s), None
 

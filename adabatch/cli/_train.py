@@ -41,6 +41,7 @@ OPTIMIZERS = (
     "adalomo",
     "active_adam",
     "clars",
+    "extrap_sgd",
 )
 ACTIVE_PERIOD = 100  # steps between ActiveLR's gain updates on the command line
 # How long a process waits for the coordinator and for the other processes before it fails (JAX's default).
@@ -55,7 +56,8 @@ def build_tx(
     ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests, and for the
     noise-scale rule the multiplier :math:`1/\eta^2` (so that every rule asks for about
     :math:`B_\text{simple}/\eta^2`); the rule starts at ``init_batch_size`` and never exceeds ``max_batch_size``.
-    ``active_adam`` updates its gains every ``ACTIVE_PERIOD`` steps.
+    ``active_adam`` updates its gains every ``ACTIVE_PERIOD`` steps. ``extrap_sgd`` (momentum 0.9, Nesterov, the
+    extrapolation step equal to ``lr``) needs a second gradient per step, which the training step computes.
     """
     import optax
 
@@ -78,6 +80,7 @@ def build_tx(
         "adalomo": o.adalomo,
         "active_adam": lambda lr: o.active_adam(lr, period=ACTIVE_PERIOD),
         "clars": o.clars,
+        "extrap_sgd": o.extrap_sgd,
     }[optimizer](lr)
     if rule == "none":
         return opt

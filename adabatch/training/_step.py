@@ -29,6 +29,14 @@ means *infer*: when the step is traced, each transformation that reads statistic
 in its state (:class:`adabatch.stats.GradStatsNeeds`), and the step computes their union, read once when it is
 traced (:func:`required_statistics`). Pass ``True``/``False`` to decide yourself.
 
+**A second gradient (EXTRAP-SGD).** When a transformation in ``tx`` declares that it steps along the gradient at
+an extrapolated point (:func:`adabatch.needs_extrapolated_grads`: :func:`adabatch.extrap_sgd`), the step also
+computes :math:`\tilde\theta = \theta - \tilde\gamma_t\bar g` (:func:`adabatch.extrapolate`) and the mean gradient
+:math:`\tilde g = \tfrac1b\sum_i\nabla\ell_i(\tilde\theta)` of the **same** :math:`b` examples (same micro-batches, same
+per-example keys), one plain backward pass per micro-batch, and passes it as ``extrapolated_grads=``. The
+statistics, ``grad_norm`` and the rule's decision stay those of the first gradient :math:`\bar g` at
+:math:`\theta`; a non-finite :math:`\tilde g` skips the update like a non-finite :math:`\bar g`.
+
 **Faults.** A non-finite mean loss, mean gradient, :math:`\sum_i\lVert g_i\rVert^2` or update skips the update:
 parameters and optimizer state are returned unchanged, ``TrainState.skipped`` and the metric ``skipped`` count it,
 and the data position still advances (the next step sees new examples).
@@ -53,6 +61,7 @@ import jax.numpy as jnp
 import optax
 
 from adabatch import _deprecation
+from adabatch import optimizers as opt
 from adabatch import stats as st
 from adabatch._tree import find_state
 from adabatch._validation import accumulation_dtype, check_choice, check_positive_int
@@ -276,7 +285,9 @@ def make_train_step(
         PRNG keys, row :math:`i` being ``fold_in(state.rng, o + i)`` for stream offset :math:`o` (the same key for
         the same example whatever the micro-batching or sharding; use it for dropout).
       tx: any Optax transformation; a batch-size rule in it receives ``grad_stats=``, everything receives
-        ``batch_size=`` (int32, the number of real examples) and ``value=`` (the mean loss).
+        ``batch_size=`` (int32, the number of real examples) and ``value=`` (the mean loss); when it declares the
+        need (EXTRAP-SGD, :func:`adabatch.needs_extrapolated_grads`), also ``extrapolated_grads=``, the mean
+        gradient of the same examples at :func:`adabatch.extrapolate` (a second backward pass per micro-batch).
       method: the :func:`adabatch.grad_stats` method, passed through (``"microbatch"`` only without
         ``micro_batch_size``: its group-mean estimates do not merge across micro-batches).
       micro_batch_size: physical micro-batch :math:`m`; the statistics of :math:`\lceil b/m\rceil` micro-batches
@@ -427,11 +438,28 @@ def make_train_step(
 
         mean_loss = loss_sum / n.astype(acc)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(jnp.result_type(p)), batch_stats.mean, params)
+        second: dict[str, Any] = {}
+        if opt.needs_extrapolated_grads(state.opt_state):  # EXTRAP-SGD: the gradient at θ̃ on the same examples
+            tilde = opt.extrapolate(params, state.opt_state, grads)
+
+            def grad_sum(i, total):
+                xs, mask = micro(i)
+                g = jax.grad(lambda p: jnp.sum(jnp.where(mask, loss(p, xs), 0)))(tilde)
+                return jax.tree_util.tree_map(lambda t, x: t + x.astype(acc), total, g)
+
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), acc), params)
+            if k_max == 1:
+                total = grad_sum(0, zeros)
+            else:
+                total = jax.lax.fori_loop(0, (n + m - 1) // m, grad_sum, zeros)
+            second["extrapolated_grads"] = jax.tree_util.tree_map(
+                lambda t, p: (t / n.astype(acc)).astype(jnp.result_type(p)), total, params
+            )
         updates, new_opt = tx.update(
-            grads, state.opt_state, params, grad_stats=batch_stats, batch_size=n, value=mean_loss
+            grads, state.opt_state, params, grad_stats=batch_stats, batch_size=n, value=mean_loss, **second
         )
         finite = jnp.isfinite(mean_loss) & jnp.isfinite(batch_stats.sq_norm_sum)
-        for leaf in jax.tree_util.tree_leaves((grads, updates)):  # an optimizer may also turn finite into inf
+        for leaf in jax.tree_util.tree_leaves((grads, updates, second)):  # an optimizer may also turn finite into inf
             finite = finite & jnp.all(jnp.isfinite(leaf))
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda a, b: jnp.where(finite, a, b).astype(jnp.result_type(b)), new, old
