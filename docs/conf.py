@@ -55,6 +55,7 @@ napoleon_use_rtype = False
 # resolve: they, and only they, are ignored here. MathJax is loaded by the reader's browser, not at build time.
 nitpicky = True
 nitpick_ignore_regex = [
+    (r"py:class", r"adabatch(\.\w+)*\._\w+\..*"),  # types of private modules (not part of the API reference)
     (
         r"py:.*",
         r"(jax|jaxlib|jnp|optax|chex|flax|nnx|linen|nn|orbax|numpy|np|argparse|collections"

@@ -1,5 +1,5 @@
 """The ``adabatch`` command line: one sub-command per private module of this package
-(``_demo``, ``_train``, ``_experiment``, ``_bench``).
+(``_demo``, ``_train``, ``_experiment``, ``_bench``, ``_launch``).
 
 Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (called with the
 parsed namespace, returning an exit code). Modules are imported only when the command line is built, so the
@@ -17,7 +17,7 @@ from adabatch.cli._args import CommandError, Parser
 
 __all__ = ["build_parser", "main"]
 
-COMMAND_MODULES = ("demo", "train", "experiment", "bench")
+COMMAND_MODULES = ("demo", "train", "experiment", "bench", "launch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,20 +6,15 @@ Lau, Liu and Kolar claim that their adaptive batch-size tests, with AdaGrad or A
 test suits coordinate-wise AdaGrad. This experiment runs the protocol of the authors' code
 (``timlautk/AdAdaGrad``, ``expt.sh`` for MNIST), transposed to scikit-learn's digits:
 
-============================  ==============================  ==============================================
-constant                      authors (MNIST, 60 000 train)    here (digits, 1 150 train)
-============================  ==============================  ==============================================
-initial batch size            8 (CNN; 2 for logistic reg.)     8
-maximal batch size            60 000 = the training set        1 150 = the training set
-test interval                 every step                       every step
-η (norm test)                 0.1                              0.1, then a sweep 0.1 … 2
-θ, ν (inner-product tests)    0.1 (command-line defaults)      0.1, then the same sweep (θ = ν)
-budget                        6 000 000 samples = 100 epochs   ``epochs`` × 1 150 (40 epochs: the small-batch
-                                                               baseline has converged; 100 would only add
-                                                               steps at the same accuracy)
-learning rate                 8e-3, constant (AdaGrad)         tuned per arm on one grid per optimizer
-AdaGrad                       torch: v₀ = 0, ε = 1e-10 outside  the same (:func:`adabatch.adagrad`)
-============================  ==============================  ==============================================
+* initial batch size 8 (the authors' CNN; 2 for their logistic regression), here 8;
+* maximal batch size: the training set (60,000 for MNIST), here 1,150;
+* the test runs every step, as in the authors' code;
+* η = 0.1 for the norm and coordinate tests, θ = ν = 0.1 (the command-line defaults) for the inner-product tests,
+  then a sweep of the constant from 0.1 to 2;
+* budget: 100 epochs for the authors, here ``epochs`` (40: the small-batch baseline has converged);
+* learning rate: the authors' 8e-3, constant, for AdaGrad; here tuned per arm on one grid per optimizer;
+* AdaGrad with ``torch.optim.Adagrad`` semantics (v₀ = 0, ε = 1e-10 outside the square root), as
+  :func:`adabatch.adagrad`.
 
 The data set size does not transpose, so the cap and the budget are stated relative to it (the whole training set;
 epochs). 288 of the 1,438 digits training examples are held out as a validation set that tunes the learning rates;
