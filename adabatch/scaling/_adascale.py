@@ -68,7 +68,8 @@ def adascale(
     :math:`\eta` = ``schedule`` (1 when None). :math:`1\le r_t\le S` for :math:`S\ge1`. Smoothing the raw estimates
     and clamping on read keeps the averages unbiased (FairScale clamps each step's estimates before smoothing: a
     negative :math:`\hat\mu^2`, frequent when the noise dominates, becomes 0, which biases its :math:`\mu^2`
-    upwards; its variance floor rarely binds). The per-example form needs no rescaling of the averages when :math:`S` changes.
+    upwards; its variance floor rarely binds). The per-example form needs no rescaling of the averages when
+    :math:`S` changes.
     Statistics that are not finite (or :math:`b<2`) skip the averages; before any finite statistics
     :math:`r_t = 1`. Progress is always advanced by :math:`r_t` (as Pollux does for both forms).
 
