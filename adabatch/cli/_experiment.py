@@ -4,6 +4,10 @@
 AdaGrad and AdaGrad-Norm against fixed batches, a batch-size warm-up and AdaScale at equal sample budgets
 (:mod:`adabatch.experiments.adadagrad`).
 
+``adabatch experiment optimizers [--data digits|text] [--quick] [--out DIR]`` compares every optimizer of the library
+with a fixed batch and with the norm test (and SGD with the learned optimal batch size) at equal sample budgets
+(:mod:`adabatch.experiments.optimizers`).
+
 ``adabatch experiment lr-vs-batch --optimizer sgd|adam|adabelief|sign [--data digits|text] [--quick] [--out DIR]``
 trains a grid of batch sizes × learning rates, finds the optimal learning rate per batch size, fits the linear,
 square-root and surge laws with confidence intervals, measures the gradient noise scale and writes
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 
 from adabatch.cli._args import at_least, output_dir, positive_float
@@ -41,51 +46,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lr.add_argument("--samples", type=int, default=None, help="override the training budget in examples")
     lr.add_argument("--no-progress", action="store_true", help="no progress bar")
     lr.set_defaults(func=_lr_vs_batch)
-    _register_adadagrad(experiments)
+    for name in _VARIABLE_BATCH:
+        _register_variable_batch(experiments, name)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-def _register_adadagrad(experiments: argparse._SubParsersAction) -> None:
-    from adabatch.experiments import adadagrad
+# name -> (help, the protocol fields a flag may override, how to print a result's conclusions)
+_VARIABLE_BATCH = {
+    "adadagrad": (
+        "AdAdaGrad's batch-size tests against fixed batches, a warm-up and AdaScale at equal sample budgets",
+        ("seeds", "epochs"),
+        lambda result: [f"  {line}" for line in result["analysis"]["verdict"]],
+    ),
+    "optimizers": (
+        "every optimizer with a fixed batch and with the norm test at equal sample budgets",
+        ("seeds",),
+        lambda result: [
+            f"  {c['optimizer']}: {c['claim']}: {c['verdict']} ({c['evidence']})" for c in result["analysis"]["claims"]
+        ],
+    ),
+}
 
+
+def _register_variable_batch(experiments: argparse._SubParsersAction, name: str) -> None:
+    """One experiment built on the variable-batch engine: the same flags, the same run / re-analyse logic."""
+    module = importlib.import_module(f"adabatch.experiments.{name}")
+    help_text, overrides, _ = _VARIABLE_BATCH[name]
     parser = experiments.add_parser(
-        "adadagrad",
-        help="AdAdaGrad's batch-size tests against fixed batches, a warm-up and AdaScale at equal sample budgets",
-        description=adadagrad.__doc__.split("\n\n")[0] + " See docs/experiments.md.",
+        name, help=help_text, description=(module.__doc__ or "").split("\n\n")[0] + " See docs/experiments.md."
     )
-    parser.add_argument("--data", choices=adadagrad.DATASETS, default="digits", help="digits (MLP) or text (LM)")
+    parser.add_argument("--data", choices=module.DATASETS, default="digits", help="digits (MLP) or text (LM)")
     parser.add_argument("--quick", action="store_true", help="a tiny protocol that runs in seconds (for tests)")
-    parser.add_argument("--out", type=output_dir, default=None, help="output folder (default results/adadagrad-<data>)")
+    parser.add_argument("--out", type=output_dir, default=None, help=f"output folder (default results/{name}-<data>)")
     parser.add_argument("--seeds", type=at_least(2), default=None, help="override the number of evaluation seeds")
-    parser.add_argument("--epochs", type=positive_float, default=None, help="override the budget in epochs")
+    if "epochs" in overrides:
+        parser.add_argument("--epochs", type=positive_float, default=None, help="override the budget in epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--reanalyse", action="store_true", help="recompute summary.md and the plots from --out's results.json only"
     )
-    parser.set_defaults(func=_adadagrad)
+    parser.set_defaults(func=lambda args: _variable_batch(args, name))
 
 
-def _adadagrad(args: argparse.Namespace) -> int:
-    from adabatch.experiments import adadagrad
-
-    out = args.out or f"results/adadagrad-{args.data}"
+def _variable_batch(args: argparse.Namespace, name: str) -> int:
+    module = importlib.import_module(f"adabatch.experiments.{name}")
+    _, overrides, conclusions = _VARIABLE_BATCH[name]
+    out = args.out or f"results/{name}-{args.data}"
     if args.reanalyse:
         try:
-            result = adadagrad.reanalyse(out)
+            result = module.reanalyse(out)
         except FileNotFoundError as exc:
             print(f"--reanalyse: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {out}/summary.md, {', '.join(result['plots'])}")
         return 0
-    protocol = adadagrad.default_protocol(args.data, args.quick)
-    for name in ("seeds", "epochs"):
-        if getattr(args, name) is not None:
-            protocol = dataclasses.replace(protocol, **{name: getattr(args, name)})
+    protocol = module.default_protocol(args.data, args.quick)
+    for field in overrides:
+        if getattr(args, field) is not None:
+            protocol = dataclasses.replace(protocol, **{field: getattr(args, field)})
     command = "adabatch " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
-    result = adadagrad.run(protocol=protocol, quick=args.quick, out=out, progress=not args.no_progress, command=command)
+    result = module.run(protocol=protocol, quick=args.quick, out=out, progress=not args.no_progress, command=command)
     print(f"wrote {out}/results.json, summary.md, {', '.join(result.get('plots', []))} ({result['elapsed_s']:.0f} s)")
-    for line in result["analysis"]["verdict"]:
-        print(" ", line)
+    for line in conclusions(result):
+        print(line)
     return 0
 
 

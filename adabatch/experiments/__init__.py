@@ -6,6 +6,9 @@ matplotlib, tqdm).
 * :mod:`adabatch.experiments.adadagrad`: AdAdaGrad's batch-size tests with AdaGrad and AdaGrad-Norm against fixed
   batches, a batch-size warm-up and AdaScale, at equal sample budgets (steps and samples to the small batch's
   accuracy, batch-size trajectories against the measured noise scale, the steps/samples trade-off).
+* :mod:`adabatch.experiments.optimizers`: every optimizer of the library with a fixed batch and with the norm test
+  (and SGD with the learned optimal batch size) at equal sample budgets, each with its tuned learning rate, against
+  the claims of their papers.
 """
 
-__all__ = ["adadagrad", "lr_vs_batch"]
+__all__ = ["adadagrad", "lr_vs_batch", "optimizers"]

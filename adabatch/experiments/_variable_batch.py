@@ -31,7 +31,7 @@ import optax
 from adabatch import rules
 from adabatch import stats as st
 
-__all__ = ["Problem", "Run", "buckets", "eval_marks", "make_run", "stream"]
+__all__ = ["Problem", "Run", "buckets", "eval_marks", "make_run", "record", "rle", "stream"]
 
 _FOREVER = 1 << 30  # a warm-up period that never doubles: a fixed batch
 
@@ -206,3 +206,22 @@ def make_run(problem: Problem, spec: Run) -> Callable[..., dict[str, jax.Array]]
         return {"batch": batch, "evals": evals, "eval_count": count, "samples": samples}
 
     return jax.jit(run)
+
+
+def rle(batch: np.ndarray) -> list[list[int]]:
+    """Run-length encoding ``[[size, steps], ...]`` of the per-step batch sizes (budget exhausted: dropped)."""
+    batch = batch[batch > 0]
+    if len(batch) == 0:
+        return []
+    starts = np.flatnonzero(np.diff(batch, prepend=-1))
+    lengths = np.diff(np.append(starts, len(batch)))
+    return [[int(batch[s]), int(k)] for s, k in zip(starts, lengths, strict=True)]
+
+
+def record(out: dict) -> dict[str, Any]:
+    """The JSON record of one run's traces (``make_run``'s output, on the host): the valid evaluations, the batch
+    sizes run-length encoded, the number of steps and of samples."""
+    k = int(out["eval_count"])
+    evals = {name: np.asarray(v)[:k].tolist() for name, v in out["evals"].items()}
+    batch = np.asarray(out["batch"])
+    return {"evals": evals, "batch": rle(batch), "steps": int((batch > 0).sum()), "samples": int(out["samples"])}

@@ -42,7 +42,6 @@ example stream (common random numbers), so comparisons are paired by seed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +55,9 @@ import optax
 from adabatch import rules
 from adabatch import stats as st
 from adabatch.experiments import _adadagrad_report as report
-from adabatch.experiments._io import json_safe, machine
-from adabatch.experiments._variable_batch import Problem, Run, make_run, stream
+from adabatch.experiments import _protocol
+from adabatch.experiments._io import machine
+from adabatch.experiments._variable_batch import Problem, Run, make_run, record, stream
 from adabatch.optimizers import adagrad, adagrad_norm
 from adabatch.scaling import adascale
 
@@ -270,23 +270,6 @@ def _structure(arm: Arm) -> tuple:
     return ("schedule", arm.optimizer)
 
 
-def _rle(batch: np.ndarray) -> list[list[int]]:
-    """Run-length encoding ``[[size, steps], ...]`` of the per-step batch sizes (budget exhausted: dropped)."""
-    batch = batch[batch > 0]
-    if len(batch) == 0:
-        return []
-    starts = np.flatnonzero(np.diff(batch, prepend=-1))
-    lengths = np.diff(np.append(starts, len(batch)))
-    return [[int(batch[s]), int(k)] for s, k in zip(starts, lengths, strict=True)]
-
-
-def _record(out: dict) -> dict[str, Any]:
-    k = int(out["eval_count"])
-    evals = {name: np.asarray(v)[:k].tolist() for name, v in out["evals"].items()}
-    batch = np.asarray(out["batch"])
-    return {"evals": evals, "batch": _rle(batch), "steps": int((batch > 0).sum()), "samples": int(out["samples"])}
-
-
 class _Runner:
     """Compiles each structure once and runs (arm, learning rate, seed) triples."""
 
@@ -318,52 +301,16 @@ class _Runner:
             jnp.int32(arm.period),
             jnp.bool_(measure),
         )
-        return _record(jax.device_get(out))
+        return record(jax.device_get(out))
 
 
-def _final(record: dict) -> float:
-    loss = record["evals"]["val_loss"][-1]
-    return float(loss) if np.isfinite(loss) else float("inf")
+def _bind(runner: _Runner, arm: Arm) -> Callable[[float, int, bool], dict]:
+    """``run_one(lr, seed, tuning)`` of :func:`adabatch.experiments._protocol.tune_and_run` for one arm."""
 
+    def run_one(lr: float, seed: int, tuning: bool) -> dict:
+        return runner(arm, lr, seed, measure=not tuning)
 
-def _tune_and_run(runner: _Runner, arm: Arm, tick: Callable[[], None]) -> dict[str, Any]:
-    """Tune the learning rate on the tuning seeds, then run the evaluation seeds at the chosen one."""
-    protocol = runner.protocol
-    lrs = protocol.lrs(arm.optimizer)
-    tuning_seeds = [10_000 + s for s in range(protocol.tuning_seeds)]
-    losses = []
-    for lr in lrs:
-        row = []
-        for seed in tuning_seeds:
-            row.append(_final(runner(arm, lr, seed, measure=False)))
-            tick()
-        losses.append(row)
-    mean = np.mean(np.asarray(losses), axis=1)
-    best = int(np.argmin(mean))
-    runs = []
-    for seed in range(protocol.seeds):
-        runs.append(runner(arm, lrs[best], seed))
-        tick()
-    return {
-        "arm": dataclasses.asdict(arm) | {"name": arm.name},
-        "learning_rate": lrs[best],
-        "lr_at_edge": best in (0, len(lrs) - 1),
-        "tuning_val_loss": mean.tolist(),
-        "runs": runs,
-    }
-
-
-def _progress(total: int, enabled: bool) -> tuple[Callable[[], None], Callable[[], None]]:
-    if not enabled:
-        return (lambda: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="adadagrad experiment", unit="run")
-    return (lambda: bar.update(1)), bar.close
-
-
-def _runs_per_arm(protocol: Protocol) -> int:
-    return len(protocol.lrs("adagrad")) * protocol.tuning_seeds + protocol.seeds
+    return run_one
 
 
 def run(
@@ -385,11 +332,7 @@ def run(
     prob = problem(protocol.data, protocol.width, protocol.train_examples, protocol.noise_examples)
     runner = _Runner(protocol, prob)
     all_arms = arms(protocol)
-    tick, close = _progress(len(all_arms) * _runs_per_arm(protocol), progress)
-    try:
-        results = [_tune_and_run(runner, arm, tick) for arm in all_arms]
-    finally:
-        close()
+    results = _protocol.run_arms(all_arms, lambda arm: _bind(runner, arm), protocol, progress, "adadagrad experiment")
     result: dict[str, Any] = {
         "experiment": "adadagrad",
         "command": command or f"adabatch experiment adadagrad --data {protocol.data}" + (" --quick" if quick else ""),
@@ -411,20 +354,9 @@ def run(
 
 def write(result: dict[str, Any], out: str | Path) -> None:
     """Write ``results.json`` (first: plotting may fail), the PNG plots and ``summary.md`` to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
-    result["plots"] = report.plot(result, out)
-    (out / "summary.md").write_text(report.summary(result))
-    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
+    _protocol.write(result, out, report)
 
 
 def reanalyse(out: str | Path) -> dict[str, Any]:
     """Recompute the analysis, plots and summary of an existing ``out/results.json`` without training."""
-    path = Path(out) / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the experiment first")
-    result = json.loads(path.read_text())
-    result["analysis"] = report.analyse(result)
-    write(result, out)
-    return result
+    return _protocol.reanalyse(out, report)

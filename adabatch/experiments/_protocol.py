@@ -1,0 +1,125 @@
+"""What the experiments built on :mod:`adabatch.experiments._variable_batch` share: learning-rate tuning on seeds
+that are not evaluation seeds, the progress bar, and writing / re-analysing an output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from adabatch.experiments._io import json_safe
+
+__all__ = ["TUNING_SEED_OFFSET", "final_val_loss", "progress", "reanalyse", "run_arms", "tune_and_run", "write"]
+
+TUNING_SEED_OFFSET = 10_000  # tuning seeds are 10_000, 10_001, ...: never an evaluation seed
+
+
+def final_val_loss(record: dict) -> float:
+    """The last validation loss of a run (+inf when it diverged)."""
+    loss = record["evals"]["val_loss"][-1]
+    return float(loss) if np.isfinite(loss) else float("inf")
+
+
+def tune_and_run(
+    run_one: Callable[[float, int, bool], dict],
+    arm: Any,
+    learning_rates: Sequence[float],
+    tuning_seeds: int,
+    seeds: int,
+    tick: Callable[[], None],
+) -> dict[str, Any]:
+    """Pick the learning rate with the lowest mean final validation loss over ``tuning_seeds`` tuning seeds, then run
+    the evaluation seeds ``0 … seeds-1`` at it. ``run_one(lr, seed, tuning)`` returns a run record.
+
+    Example:
+      >>> from adabatch.experiments._protocol import tune_and_run
+      >>> def run_one(lr, seed, tuning):  # a toy whose validation loss is smallest at lr = 0.1
+      ...     return {"evals": {"val_loss": [(lr - 0.1) ** 2], "val_metric": [1.0]}, "seed": seed}
+      >>> entry = tune_and_run(run_one, None, [0.01, 0.1, 1.0], 2, 3, lambda: None)
+      >>> entry["learning_rate"], entry["lr_at_edge"], [r["seed"] for r in entry["runs"]]
+      (0.1, False, [0, 1, 2])
+    """
+    losses, metrics = [], []
+    for lr in learning_rates:
+        row, metric = [], []
+        for seed in range(TUNING_SEED_OFFSET, TUNING_SEED_OFFSET + tuning_seeds):
+            record = run_one(lr, seed, True)
+            row.append(final_val_loss(record))
+            value = record["evals"]["val_metric"][-1]
+            metric.append(float(value) if np.isfinite(value) else float("nan"))
+            tick()
+        losses.append(row)
+        metrics.append(float(np.mean(metric)))
+    mean = np.mean(np.asarray(losses), axis=1)
+    best = int(np.argmin(mean))
+    runs = []
+    for seed in range(seeds):
+        runs.append(run_one(learning_rates[best], seed, False))
+        tick()
+    if dataclasses.is_dataclass(arm) and not isinstance(arm, type):
+        arm = dataclasses.asdict(arm) | ({"name": arm.name} if hasattr(arm, "name") else {})
+    return {
+        "arm": arm,
+        "learning_rate": learning_rates[best],
+        "lr_at_edge": best in (0, len(learning_rates) - 1),
+        "learning_rates": list(learning_rates),
+        "tuning_val_loss": mean.tolist(),
+        "tuning_val_metric": metrics,
+        "runs": runs,
+    }
+
+
+def run_arms(
+    arms: Sequence[Any],
+    bind: Callable[[Any], Callable[[float, int, bool], dict]],
+    protocol: Any,
+    enabled: bool,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """:func:`tune_and_run` every arm (``bind(arm)`` gives its ``run_one``) on the learning rates
+    ``protocol.lrs(arm.optimizer)``, with ``protocol.tuning_seeds`` and ``protocol.seeds``, under one progress bar."""
+    total = sum(len(protocol.lrs(arm.optimizer)) * protocol.tuning_seeds + protocol.seeds for arm in arms)
+    tick, close = progress(total, enabled, desc)
+    try:
+        return [
+            tune_and_run(bind(arm), arm, protocol.lrs(arm.optimizer), protocol.tuning_seeds, protocol.seeds, tick)
+            for arm in arms
+        ]
+    finally:
+        close()
+
+
+def progress(total: int, enabled: bool, desc: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(tick, close)`` of a tqdm bar over ``total`` runs (no-ops when not ``enabled``)."""
+    if not enabled:
+        return (lambda: None), (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="run")
+    return (lambda: bar.update(1)), bar.close
+
+
+def write(result: dict[str, Any], out: str | Path, report: ModuleType) -> None:
+    """Write ``results.json`` (first: plotting may fail), ``report.plot``'s PNGs and ``report.summary`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
+    result["plots"] = report.plot(result, out)
+    (out / "summary.md").write_text(report.summary(result))
+    (out / "results.json").write_text(json.dumps(json_safe(result), allow_nan=False))
+
+
+def reanalyse(out: str | Path, report: ModuleType) -> dict[str, Any]:
+    """Recompute the analysis (``report.analyse``), plots and summary of ``out/results.json`` without training."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the experiment first")
+    result = json.loads(path.read_text())
+    result["analysis"] = report.analyse(result)
+    write(result, out, report)
+    return result
