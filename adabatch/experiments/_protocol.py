@@ -5,18 +5,57 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from adabatch.experiments._io import json_safe
+from adabatch.experiments._variable_batch import Problem, stream
 
-__all__ = ["TUNING_SEED_OFFSET", "final_val_loss", "progress", "reanalyse", "run_arms", "tune_and_run", "write"]
+__all__ = [
+    "TUNING_SEED_OFFSET",
+    "SeedData",
+    "final_val_loss",
+    "finish",
+    "progress",
+    "reanalyse",
+    "run_arms",
+    "tune_and_run",
+    "write",
+]
 
 TUNING_SEED_OFFSET = 10_000  # tuning seeds are 10_000, 10_001, ...: never an evaluation seed
+
+
+class SeedData:
+    """Per seed, the initial parameters and the example stream (enough for ``samples`` examples plus one more
+    batch), computed once and shared by every arm of that seed: comparisons are paired by seed."""
+
+    def __init__(self, problem: Problem, samples: int):
+        self.problem, self.samples = problem, samples
+        self._cache: dict[int, tuple[Any, jax.Array]] = {}
+
+    def __call__(self, seed: int) -> tuple[Any, jax.Array]:
+        if seed not in self._cache:
+            n = int(self.problem.x.shape[0])
+            params = self.problem.init_fn(jax.random.key(seed))
+            self._cache[seed] = (params, jnp.asarray(stream(n, self.samples + n + 1, seed)))
+        return self._cache[seed]
+
+
+def finish(result: dict[str, Any], report: ModuleType, start: float, out: str | Path | None) -> dict[str, Any]:
+    """Add ``report.analyse``'s analysis and the elapsed time to ``result``; write it to ``out`` when given."""
+    result["analysis"] = report.analyse(result)
+    result["elapsed_s"] = time.time() - start
+    if out is not None:
+        write(result, out, report)
+    return result
 
 
 def final_val_loss(record: dict) -> float:

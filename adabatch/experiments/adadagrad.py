@@ -57,7 +57,7 @@ from adabatch import stats as st
 from adabatch.experiments import _adadagrad_report as report
 from adabatch.experiments import _protocol
 from adabatch.experiments._io import machine
-from adabatch.experiments._variable_batch import Problem, Run, make_run, record, stream
+from adabatch.experiments._variable_batch import Problem, Run, make_run, record
 from adabatch.optimizers import adagrad, adagrad_norm
 from adabatch.scaling import adascale
 
@@ -277,18 +277,10 @@ class _Runner:
         self.protocol, self.problem = protocol, prob
         self.n = int(prob.x.shape[0])
         self.compiled: dict[tuple, Callable] = {}
-        self.params: dict[int, Any] = {}
-        self.orders: dict[int, jax.Array] = {}
-
-    def _seed(self, seed: int):
-        if seed not in self.params:
-            self.params[seed] = self.problem.init_fn(jax.random.key(seed))
-            length = int(round(self.protocol.epochs * self.n)) + self.n + 1
-            self.orders[seed] = jnp.asarray(stream(self.n, length, seed))
-        return self.params[seed], self.orders[seed]
+        self.seed_data = _protocol.SeedData(prob, int(round(protocol.epochs * self.n)))
 
     def __call__(self, arm: Arm, lr: float, seed: int, measure: bool = True) -> dict[str, Any]:
-        params, order = self._seed(seed)
+        params, order = self.seed_data(seed)
         key = _structure(arm)
         if key not in self.compiled:
             self.compiled[key] = make_run(self.problem, _spec(arm, self.protocol, self.n, params))
@@ -345,11 +337,7 @@ def run(
         "arms": results,
         "compilations": len(runner.compiled),
     }
-    result["analysis"] = report.analyse(result)
-    result["elapsed_s"] = time.time() - start
-    if out is not None:
-        write(result, out)
-    return result
+    return _protocol.finish(result, report, start, out)
 
 
 def write(result: dict[str, Any], out: str | Path) -> None:

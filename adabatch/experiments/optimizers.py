@@ -44,7 +44,7 @@ from adabatch import stats as st
 from adabatch.experiments import _optimizers_report as report
 from adabatch.experiments import _protocol
 from adabatch.experiments._io import machine
-from adabatch.experiments._variable_batch import Problem, Run, make_run, record, stream
+from adabatch.experiments._variable_batch import Problem, Run, make_run, record
 from adabatch.experiments.adadagrad import problem
 
 __all__ = [
@@ -270,22 +270,14 @@ class _Runner:
         self.protocol, self.problem = protocol, prob
         self.n = int(prob.x.shape[0])
         self.compiled: dict[str, Callable] = {}
-        self.params: dict[int, Any] = {}
-        self.orders: dict[int, jax.Array] = {}
-        params, _ = self._seed(10_000)
+        self.seed_data = _protocol.SeedData(prob, int(round(protocol.epochs * self.n)))
+        params, _ = self.seed_data(_protocol.TUNING_SEED_OFFSET)
         k = min(self.n, _H_EXAMPLES)
         self.h_init = float(jax.jit(_mean_sq_norm, static_argnums=0)(prob.loss_fn, params, prob.x[:k], prob.y[:k]))
         self.accuracy = optimal_accuracy(self.h_init, self.n, protocol.optimal_batch_at_init)
 
-    def _seed(self, seed: int):
-        if seed not in self.params:
-            self.params[seed] = self.problem.init_fn(jax.random.key(seed))
-            length = int(round(self.protocol.epochs * self.n)) + self.n + 1
-            self.orders[seed] = jnp.asarray(stream(self.n, length, seed))
-        return self.params[seed], self.orders[seed]
-
     def __call__(self, arm: Arm, lr: float, seed: int) -> dict[str, Any]:
-        params, order = self._seed(seed)
+        params, order = self.seed_data(seed)
         if arm.name not in self.compiled:
             self.compiled[arm.name] = make_run(self.problem, _spec(arm, self.protocol, self.n, params, self.accuracy))
         one = jnp.float32(1.0)
@@ -344,11 +336,7 @@ def run(
         "arms": results,
         "compilations": len(runner.compiled),
     }
-    result["analysis"] = report.analyse(result)
-    result["elapsed_s"] = time.time() - start
-    if out is not None:
-        write(result, out)
-    return result
+    return _protocol.finish(result, report, start, out)
 
 
 def write(result: dict[str, Any], out: str | Path) -> None:
