@@ -33,6 +33,8 @@ from adabatch.curvature import (
     lambda_min,
     lanczos,
     operator_spectrum,
+    scale_by_slq_learner,
+    slq_learner,
     trace_moment,
 )
 from adabatch.optimizers import (
@@ -124,9 +126,10 @@ try:
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
     __version__ = "0+unknown"
 
-# The statistics layer never imports a framework: the root wires the Flax linen capture backend, imported the
-# first time statistics are computed after the user's code imported flax.linen.
+# The statistics layer never imports a framework: the root wires the Flax linen and NNX capture backends, each
+# imported the first time statistics are computed after the user's code imported flax.linen, resp. flax.nnx.
 stats.ghost.register_backend_provider("flax.linen", "adabatch.flax._ghost")
+stats.ghost.register_backend_provider("flax.nnx", "adabatch.flax._nnx_ghost")
 
 # Module paths of the previous release, served with a DeprecationWarning naming their new home.
 _sys.meta_path.append(
@@ -244,8 +247,10 @@ __all__ = [
     "scale_by_extrap_sgd",
     "scale_by_maxva",
     "scale_by_sample_schedule",
+    "scale_by_slq_learner",
     "scale_by_tom",
     "scaling",
+    "slq_learner",
     "stats",
     "surge_learning_rate",
     "tom",

@@ -25,7 +25,6 @@ from adabatch.stats import (
     merge,
     per_example_grads,
 )
-from adabatch.stats import _ghost as ghost_engine  # the cost-model constant is internal
 
 try:
     from tests.optimizer_harness import x64_enabled
@@ -331,9 +330,8 @@ def _ghost_problem(key, b=6, t=5):
     return loss_fn, params, batch
 
 
-@pytest.mark.parametrize("direct_factor", [4, 0])  # 0: the Gram form wherever it is smaller
-def test_leaf_sums_exact_for_vmap_ghost_chunks_and_merge(monkeypatch, direct_factor):
-    monkeypatch.setattr(ghost_engine, "DIRECT_FACTOR", direct_factor)
+@pytest.mark.parametrize("form", [None, "direct", "gram"])  # the cost model's choice, or one form everywhere
+def test_leaf_sums_exact_for_vmap_ghost_chunks_and_merge(form):
     loss_fn, params, batch = _ghost_problem(jax.random.key(0))
     mask = jnp.array([1, 1, 0, 1, 1, 1], jnp.float32)
 
@@ -342,15 +340,15 @@ def test_leaf_sums_exact_for_vmap_ghost_chunks_and_merge(monkeypatch, direct_fac
         grads = per_example_grads(loss_fn, p, b)
         out = {
             f"{method}{chunk}": grad_stats(
-                loss_fn, p, b, method=method, mask=mask, chunk_size=chunk, leaf_sq_norm_sum=True
+                loss_fn, p, b, method=method, mask=mask, chunk_size=chunk, leaf_sq_norm_sum=True, **forced
             )
-            for method in ("vmap", "ghost")
+            for method, forced in (("vmap", {}), ("ghost", {"ghost_form": form}))
             for chunk in (None, 4)
         }
         halves = [jax.tree.map(lambda x, sl=sl: x[sl], b) for sl in (slice(0, 2), slice(2, None))]
         masks = (mask[:2], mask[2:])
         parts = [
-            grad_stats(loss_fn, p, h, method="ghost", mask=m, leaf_sq_norm_sum=True)
+            grad_stats(loss_fn, p, h, method="ghost", mask=m, leaf_sq_norm_sum=True, ghost_form=form)
             for h, m in zip(halves, masks, strict=True)
         ]
         out["merged"] = merge(*parts)

@@ -93,12 +93,13 @@ def test_every_optimizer_and_rule_of_the_command_line_builds_and_steps():
     from adabatch import optimizers as o
     from adabatch import stats as st
     from adabatch.cli._train import OPTIMIZERS, RULES, build_tx
+    from adabatch.curvature import Spectrum, declared_curvature
 
     params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
     per_example = {"w": jnp.arange(48.0).reshape(8, 3, 2) / 48 - 0.3, "b": jnp.linspace(-1, 1, 16).reshape(8, 2)}
     for optimizer in OPTIMIZERS:
         for rule in RULES:
-            tx = build_tx(rule, optimizer, lr=0.1, eta=0.5, max_batch_size=64, init_batch_size=4)
+            tx = build_tx(rule, optimizer, lr=0.1, eta=0.5, max_batch_size=64, init_batch_size=4, num_examples=100)
             state = tx.init(params)
             needs = st.declared_needs(state)
             stats = st.from_per_example(
@@ -110,7 +111,11 @@ def test_every_optimizer_and_rule_of_the_command_line_builds_and_steps():
             extra = {}
             if o.needs_extrapolated_grads(state):  # the training step's gradient at the extrapolated point
                 extra["extrapolated_grads"] = jax.tree_util.tree_map(lambda g: 0.5 * g, stats.mean)
+            if declared_curvature(state) is not None:  # the training step's spectrum (λ ∈ [0.5, 2])
+                extra["curvature"] = Spectrum(jnp.array([[0.5, 2.0]]), jnp.array([[0.5, 0.5]]), jnp.asarray(8))
             updates, _ = tx.update(stats.mean, state, params, grad_stats=stats, **extra)
             for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params), strict=True):
                 assert u.shape == p.shape and bool(jnp.all(jnp.isfinite(u))), (optimizer, rule)
-    assert "extrap_sgd" in OPTIMIZERS
+    assert "extrap_sgd" in OPTIMIZERS and "slq_learner" in OPTIMIZERS and "optimal_batch" in RULES
+    with pytest.raises(ValueError, match="num_examples"):
+        build_tx("optimal_batch", "sgd", lr=0.1, eta=0.5, max_batch_size=64)

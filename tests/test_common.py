@@ -20,11 +20,21 @@ import pytest
 
 import adabatch
 import adabatch.flax
-from adabatch import optimizers, rules, scaling, stats, training
+from adabatch import curvature, optimizers, rules, scaling, stats, training
 
 
 class Entry:
-    def __init__(self, factory, kwargs, stats=None, batch_size=False, step=None, static_args=(), extrapolated=False):
+    def __init__(
+        self,
+        factory,
+        kwargs,
+        stats=None,
+        batch_size=False,
+        step=None,
+        static_args=(),
+        extrapolated=False,
+        curvature=False,
+    ):
         """``stats``: how ``update`` reads per-example statistics: None (it does not), ``"per_example"``
         (per-example gradients as ``updates``) or ``"grad_stats"`` (the mean as ``updates`` and
         ``grad_stats=``). ``batch_size``: ``update`` needs the ``batch_size=`` extra argument. ``step``: for a
@@ -32,9 +42,12 @@ class Entry:
         the ``optax.scale(-step)`` chained after it in the convergence test. ``static_args``: the non-numeric
         arguments ``optax.inject_hyperparams`` must leave alone. ``extrapolated``: ``update`` needs the gradient at the
         extrapolated point as ``extrapolated_grads=`` (the convergence test computes it at
-        ``optimizers.extrapolate``; the other tests pass half the mean gradient as a stand-in)."""
+        ``optimizers.extrapolate``; the other tests pass half the mean gradient as a stand-in). ``curvature``:
+        ``update`` reads a Hessian spectrum as ``curvature=`` (the SLQ learner; the tests pass the exact extremal
+        eigenvalues of the convergence problem's Hessian)."""
         self.factory, self.kwargs, self.stats, self.batch_size = factory, kwargs, stats, batch_size
         self.step, self.static_args, self.extrapolated = step, static_args, extrapolated
+        self.curvature = curvature
 
     def make(self):
         return self.factory(**self.kwargs)
@@ -44,6 +57,7 @@ RULE_KW = dict(max_batch_size=1024, init_batch_size=8)
 PE_KW = dict(RULE_KW, per_example=True)  # per-example gradients on the leading axis of updates
 PE, GS = "per_example", "grad_stats"
 SCHEDULE = optax.linear_schedule(1.0, 0.5, transition_steps=10_000)  # in examples seen
+SLQ_STATIC = ("interval", "num_steps", "num_probes", "matrix", "rule")  # the spectrum request and the map's choice
 REGISTRY = {
     # rules (adabatch.rules)
     "norm_test": Entry(rules.norm_test, dict(eta=0.5, **PE_KW), stats=PE, step=0.05),
@@ -86,6 +100,17 @@ REGISTRY = {
         optimizers.scale_by_extrap_sgd, dict(extrapolation_rate=0.05), step=0.05, extrapolated=True
     ),
     "extrap_sgd": Entry(optimizers.extrap_sgd, dict(learning_rate=0.05), extrapolated=True),
+    # curvature learner (adabatch.curvature)
+    "scale_by_slq_learner": Entry(
+        curvature.scale_by_slq_learner,
+        dict(init_learning_rate=0.05, smoothing=0.5),
+        step=1.0,
+        static_args=SLQ_STATIC,
+        curvature=True,
+    ),
+    "slq_learner": Entry(
+        curvature.slq_learner, dict(smoothing=0.5, safety=0.9), static_args=SLQ_STATIC, curvature=True
+    ),
     "active_lr": Entry(optimizers.active_lr, dict(inner=optax.sgd(0.05), period=4), static_args=("inner",)),
     "active_adam": Entry(optimizers.active_adam, dict(learning_rate=0.05, period=4)),
     "active_adabelief": Entry(optimizers.active_adabelief, dict(learning_rate=0.05, period=4)),
@@ -110,7 +135,7 @@ REGISTRY = {
 }
 NAMES = [pytest.param(n, marks=pytest.mark.xdist_group(f"common-{n}")) for n in sorted(REGISTRY)]
 B = 8
-SUBPACKAGES = (adabatch, stats, rules, optimizers, scaling, training, adabatch.flax)
+SUBPACKAGES = (adabatch, stats, rules, optimizers, curvature, scaling, training, adabatch.flax)
 
 
 def _is_transformation_factory(fn):
@@ -164,6 +189,8 @@ def _inputs(entry, per_example, via=None):
     extra = {"batch_size": jnp.int32(B)} if entry.batch_size else {}
     if entry.extrapolated:  # a stand-in for the gradient at the extrapolated point
         extra["extrapolated_grads"] = jax.tree_util.tree_map(lambda a: 0.5 * jnp.mean(a, 0), per_example)
+    if entry.curvature:
+        extra["curvature"] = CONVERGENCE_SPECTRUM
     if via == PE:
         return per_example, extra
     mean = jax.tree_util.tree_map(lambda a: jnp.mean(a, 0), per_example)
@@ -193,15 +220,15 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 @functools.cache
-def _cached_inputs(via, batch_size, dtype, seed, extrapolated=False):
+def _cached_inputs(via, batch_size, dtype, seed, extrapolated=False, curvature=False):
     """``_gradients`` of an entry with these ``stats``/``batch_size``/``extrapolated`` needs, computed once and
     shared by all entries."""
-    entry = Entry(None, {}, stats=via, batch_size=batch_size, extrapolated=extrapolated)
+    entry = Entry(None, {}, stats=via, batch_size=batch_size, extrapolated=extrapolated, curvature=curvature)
     return _inputs(entry, _per_example(_params(dtype), seed))
 
 
 def _entry_inputs(entry, dtype, seed, via=None):
-    return _cached_inputs(via or entry.stats, entry.batch_size, dtype, seed, entry.extrapolated)
+    return _cached_inputs(via or entry.stats, entry.batch_size, dtype, seed, entry.extrapolated, entry.curvature)
 
 
 def _placed_init(tx, params):
@@ -269,6 +296,14 @@ def test_no_recompilation_on_second_call(name):
 
 CONVERGENCE_X = jax.random.normal(jax.random.key(0), (64, 3))
 CONVERGENCE_Y = CONVERGENCE_X @ jnp.array([[1.0, -1.0], [0.5, 0.0], [0.0, 2.0]]) + 0.3
+_EIGENVALUES = np.linalg.eigvalsh(  # of the Hessian of the per-example loss's mean: [x, 1]ᵀ[x, 1]/64 (per output)
+    np.c_[np.asarray(CONVERGENCE_X, np.float64), np.ones(64)].T
+    @ np.c_[np.asarray(CONVERGENCE_X, np.float64), np.ones(64)]
+    / 64
+)
+CONVERGENCE_SPECTRUM = curvature.Spectrum(
+    jnp.asarray([[_EIGENVALUES[0], _EIGENVALUES[-1]]], jnp.float32), jnp.full((1, 2), 0.5), jnp.asarray(8, jnp.int32)
+)
 
 
 def _convergence_losses(p, idx):

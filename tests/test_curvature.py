@@ -373,3 +373,56 @@ def test_bad_input_raises_value_errors_naming_the_argument():
         density(s, jnp.zeros(3), 0.0)
     with pytest.raises(ValueError, match="k must be an integer"):
         trace_moment(s, -1)
+
+
+SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import tests.test_curvature as t
+from adabatch.curvature import hessian_spectrum
+
+params, batch = t.problem(np.float32)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+key = jax.random.key(7)
+out = {"devices": len(jax.devices()), "shards": len(sharded[0].sharding.device_set)}
+for matrix in ("hessian", "ggn"):
+    def spectrum(p, b, k, matrix=matrix):
+        return hessian_spectrum(t.LOSS, p, b, key=k, num_steps=20, num_probes=3, matrix=matrix)
+    one = jax.jit(spectrum)(params, batch, key)
+    lowered = jax.jit(spectrum).lower(params, sharded, key)
+    many = lowered.compile()(params, sharded, key)
+    out[matrix] = {
+        "one": [np.asarray(one.nodes).tolist(), np.asarray(one.weights).tolist()],
+        "mesh": [np.asarray(many.nodes).tolist(), np.asarray(many.weights).tolist()],
+        "all_reduce": "all-reduce" in lowered.compile().as_text(),
+    }
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_spectrum_with_the_batch_sharded_over_four_devices_equals_one_device():
+    """The batch split over a 4-device ``data`` mesh (simulated CPU devices, so in a subprocess: the flag must be set
+    before JAX starts): the products all-reduce over the devices and the spectrum is the single-device one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT") :])
+    assert out["devices"] == 4 and out["shards"] == 4
+    for matrix in ("hessian", "ggn"):
+        got = out[matrix]
+        assert got["all_reduce"], matrix  # the curvature products really are reduced across the devices
+        (nodes_one, weights_one), (nodes_mesh, weights_mesh) = got["one"], got["mesh"]
+        scale = np.abs(nodes_one).max()
+        np.testing.assert_allclose(nodes_mesh, nodes_one, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(weights_mesh, weights_one, rtol=0, atol=1e-5)

@@ -174,3 +174,25 @@ def test_command_rejects_bad_flags(capsys, tmp_path):
         main(["experiment", "optimizers", "--seeds", "1"])
     assert "--seeds" in capsys.readouterr().err
     assert main(["experiment", "optimizers", "--reanalyse", "--out", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("slq_learner", 0.25), ("extrap_sgd", 0.05)])
+def test_optimizers_with_a_second_input_train_inside_the_experiment_engine(optimizer, lr):
+    """The variable-batch engine computes the SLQ learner's spectrum (``requested_spectrum``) on its due steps and
+    EXTRAP-SGD's gradient at the extrapolated point: both must lower the validation loss (without its spectrum the
+    learner's α stays 0; without the second gradient EXTRAP-SGD raises)."""
+    protocol = optimizers.Protocol(
+        "digits", epochs=1, batch_size=16, eta=1.4, optimal_batch_at_init=16,
+        learning_rates=tuple(optimizers.LEARNING_RATES.items()), tuning_seeds=1, seeds=1, sample_evals=2, width=8,
+        target_tolerance=0.05, optimizers=(optimizer,), batchings=("fixed",), train_examples=128,
+    )  # fmt: skip
+    runner = optimizers._Runner(protocol, optimizers.problem("digits", protocol.width, protocol.train_examples))
+    run = runner(optimizers.Arm(optimizer, "fixed"), lr, seed=0)
+    val = np.asarray(run["evals"]["val_loss"])
+    assert np.isfinite(val).all() and val[-1] < val[0] - 0.05
+
+
+def test_optimizers_flag_selects_and_validates(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "optimizers", "--optimizers", "adam,lion"])
+    assert "lion" in capsys.readouterr().err

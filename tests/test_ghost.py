@@ -9,7 +9,6 @@ import pytest
 
 from adabatch import ghost
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
-from adabatch.stats import _ghost as ghost_engine  # the cost-model constant is internal
 from adabatch.stats import grad_stats, inner_products, per_example_grads
 
 RTOL = 1e-5
@@ -32,6 +31,7 @@ def _brute_force(grads, mask=None):
         "mean": mean,
         "s2": (rows**2).sum(0),
         "inner": ((rows @ mean) ** 2).sum(),
+        "inner_dev": (w * (rows @ mean - mean @ mean) ** 2).sum(),
         "count": int(w.sum()),
     }
 
@@ -48,25 +48,26 @@ def _init(model, seed, *args):
     return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-def check_ghost(loss_fn, params, batch, *, mask=None, chunk_size=None, expect=None):
+def check_ghost(loss_fn, params, batch, *, mask=None, chunk_size=None, expect=None, ghost_form=None, s2=True):
     """Ghost (all statistics, with and without S2) equals brute force; returns the report."""
 
     @jax.jit  # one compilation for the brute force and both ghost variants
     def run(p, b):
-        full = grad_stats(
-            loss_fn, p, b, method="ghost", sq_sum=True, inner_sq_sum=True, mask=mask, chunk_size=chunk_size
-        )
-        lean = grad_stats(loss_fn, p, b, method="ghost", inner_sq_sum=True, mask=mask, chunk_size=chunk_size)
+        kw = {"method": "ghost", "mask": mask, "chunk_size": chunk_size, "ghost_form": ghost_form}
+        full = grad_stats(loss_fn, p, b, sq_sum=True, inner_sq_sum=True, **kw) if s2 else None
+        lean = grad_stats(loss_fn, p, b, inner_sq_sum=True, **kw)
         return per_example_grads(loss_fn, p, b), full, lean
 
     grads, full, lean = run(params, batch)
     ref = _brute_force(grads, mask)
-    for stats in (full, lean):
+    for stats in (full, lean) if s2 else (lean,):
         _close(stats.sq_norm_sum, ref["q"])
         _close(_flat(stats.mean), ref["mean"])
         _close(stats.inner_sq_sum, ref["inner"])
+        _close(stats.inner_dev_sq_sum, ref["inner_dev"])
         assert int(stats.count) == ref["count"]
-    _close(_flat(full.sq_sum), ref["s2"])
+    if s2:
+        _close(_flat(full.sq_sum), ref["s2"])
     report = ghost.ghost_report(loss_fn, params, batch)
     if expect is not None:
         assert report == expect
@@ -103,11 +104,10 @@ def _plain_problem(key, b=6, t=5):
     return loss_fn, params, batch
 
 
-@pytest.mark.parametrize("direct_factor", [4, 0])  # 0: Gram form wherever it is smaller than the layer gradient
-def test_plain_jax_layers_match_vmap(monkeypatch, direct_factor):
-    monkeypatch.setattr(ghost_engine, "DIRECT_FACTOR", direct_factor)
+@pytest.mark.parametrize("ghost_form", [None, "direct", "gram"])  # the cost model's choice, then each form forced
+def test_plain_jax_layers_match_vmap(ghost_form):
     loss_fn, params, batch = _plain_problem(jax.random.key(0))
-    report = check_ghost(loss_fn, params, batch)
+    report = check_ghost(loss_fn, params, batch, ghost_form=ghost_form, s2=ghost_form != "gram")
     assert set(report.values()) == {"ghost"}
 
 

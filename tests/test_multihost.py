@@ -200,3 +200,47 @@ def test_launcher_environments_start_jax_discovery(monkeypatch):
     assert not _train._launcher_started_several()  # one task: nothing to join
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert _train._launcher_started_several()
+
+
+def test_a_killed_process_fails_the_run_and_leaves_a_resumable_checkpoint(tmp_path, capsys):
+    """``adabatch train`` on 2 processes, checkpointing every 5 steps; process 1 is killed (SIGKILL) once a checkpoint
+    is complete. Process 0 must fail within the heartbeat timeout (not hang in a collective), and the checkpoint
+    must resume on 1 process and finish the run."""
+    ckpt, port = tmp_path / "ckpt", free_port()
+    common = ["--rule", "norm", "--optimizer", "sgd", "--model", "mlp", "--lr", "0.1", "--eval-every", "1000",
+              "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5", "--quiet"]  # fmt: skip
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+    procs = []
+    try:
+        for i in range(2):
+            command = [sys.executable, "-m", "adabatch.cli", "train", *common, "--steps", "100000", "--out",
+                       str(tmp_path / f"out{i}"), "--coordinator-address", f"127.0.0.1:{port}", "--num-processes",
+                       "2", "--process-id", str(i), "--heartbeat-timeout", "5"]  # fmt: skip
+            log = open(tmp_path / f"process{i}.log", "w")  # noqa: SIM115 - closed below
+            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+            assert procs[0][0].poll() is None, tail(tmp_path)
+            assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT_S} s\n{tail(tmp_path)}"
+            time.sleep(0.2)
+        procs[1][0].kill()
+        killed = time.monotonic()
+        try:
+            code = procs[0][0].wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still runs 90 s after its peer died (heartbeat timeout 5 s)\n{tail(tmp_path)}")
+        assert code != 0 and time.monotonic() - killed < 90
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    latest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    out = tmp_path / "resumed"
+    code, err = run_cli(["train", *common, "--steps", str(latest + 5), "--resume", "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    (run,) = summary.values()
+    assert run["steps"] == latest + 5 and run["process_count"] == 1

@@ -1,13 +1,19 @@
 """Benchmark the per-example statistics producers against a plain gradient step, and against PyTorch peers.
 
-For three models — an MLP 784-512-512-10 (scikit-learn digits upsampled to 28×28), ``adabatch.flax.models.CNN``
-on the 8×8 digits and a small ``TransformerLM`` on ``pydoc_data.topics`` bytes — and batch sizes ``B``, it times
+For six models — an MLP 784-512-512-10 (scikit-learn digits upsampled to 28×28), ``adabatch.flax.models.CNN``
+on the 8×8 digits, a small ``TransformerLM`` on ``pydoc_data.topics`` bytes, and three layer-type probes on 64
+tokens of the same bytes (``embed``: an ``Embed(97, 128)`` whose mean over tokens feeds a 10-way head;
+``conv1d``: a 1-D ``Conv(128, (3,))`` over 64 positions of 32 channels, mean-pooled into a 10-way head;
+``seq5``: Embed(97, 128) → Dense(128) → LayerNorm → Conv1D(128, 3) → Dense(97), a next-token loss) — and batch
+sizes ``B``, it times
 every method (median of jit-compiled calls after a warm-up, ``block_until_ready``, methods interleaved round by
 round) and measures its memory (XLA's compiled ``memory_analysis()``: temporary + output bytes, deterministic), and
 reports both as ratios to a plain gradient step (``jax.grad`` of the mean loss) measured in the same run. The
 PyTorch peers (``torch.func`` vmap per-sample gradients, BackPACK ``BatchL2Grad`` + ``SumGradSquared``, Opacus
 grad samples and Opacus ghost-clipping norms) run in the same process when installed (the ``bench`` extra) and are
 timed against a plain PyTorch ``backward()`` of the equivalent model.
+
+The section also lists the form the ghost cost model chose for each layer (``ghost_report``).
 
 Run ``adabatch bench stats [--quick] [--out docs/benchmarks.md]`` or ``python -m adabatch.benchmarks.stats``.
 """
@@ -31,13 +37,13 @@ from flax import linen as nn
 from adabatch.benchmarks._report import replace_section
 from adabatch.datasets import load_digits, load_text
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
-from adabatch.stats import grad_stats, inner_products
+from adabatch.stats import ghost_report, grad_stats, inner_products
 
 __all__ = ["JAX_METHODS", "TORCH_METHODS", "add_arguments", "execute", "main", "run", "write_section"]
 
 SECTION = "## Per-example statistics"
-MODELS = ("mlp", "cnn", "lm")
-DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024)
+MODELS = ("mlp", "cnn", "lm", "embed", "conv1d", "seq5", "nnx")
+DEFAULT_SIZES = (64, 128, 256, 512, 1024)
 QUICK_SIZES = (16,)
 # method name -> keyword arguments of grad_stats (None: plain gradient + forward-mode inner products)
 JAX_METHODS: dict[str, dict | None] = {
@@ -54,9 +60,72 @@ TORCH_METHODS = ("torch.func", "BackPACK", "Opacus", "Opacus-ghost")
 # ----------------------------------------------------------------------------------------------------------------
 # Problems
 
+PROBE_VOCAB = 97  # the layer-type probes read bytes modulo this vocabulary
+
+
+class EmbedProbe(nn.Module):
+    """``embed``: an embedding of ``tokens`` averaged over the tokens, then a dense ``num_classes``-way head."""
+
+    features: int = 128
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = nn.Embed(PROBE_VOCAB, self.features)(tokens)
+        return nn.Dense(self.num_classes)(jnp.mean(h, axis=1))
+
+
+class Conv1DProbe(nn.Module):
+    """``conv1d``: a 1-D convolution (SAME padding) over ``(b, positions, channels)``, ReLU, mean over positions,
+    then a dense ``num_classes``-way head."""
+
+    features: int = 128
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.relu(nn.Conv(self.features, (3,))(x))
+        return nn.Dense(self.num_classes)(jnp.mean(h, axis=1))
+
+
+class Seq5Probe(nn.Module):
+    """``seq5``: Embed → Dense → LayerNorm → Conv1D(3) → Dense(vocab) per token (ReLU after the dense layer and the
+    convolution), the five layer kinds of a small sequence model."""
+
+    embed: int = 128
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = nn.relu(nn.Dense(self.hidden)(nn.Embed(PROBE_VOCAB, self.embed)(tokens)))
+        h = nn.relu(nn.Conv(self.hidden, (3,))(nn.LayerNorm()(h)))
+        return nn.Dense(PROBE_VOCAB)(h)
+
+
+def _probe(name: str, quick: bool) -> tuple[nn.Module, Callable, np.ndarray, np.ndarray]:
+    """Model, loss and data of a layer-type probe (64 tokens; 24 and narrower layers with ``quick``)."""
+    seq_len = 24 if quick else 64
+    data = load_text(seq_len=seq_len)
+    tokens = np.asarray(data.x_train) % PROBE_VOCAB
+    labels = np.asarray(data.y_train)[:, -1] % 10  # the byte after the window, a 10-way label
+    if name == "embed":
+        model: nn.Module = EmbedProbe(features=48 if quick else 128)
+        return model, classification_loss(model.apply), tokens, labels
+    if name == "conv1d":
+        channels = 16 if quick else 32
+        signals = np.cos(tokens[:, :, None] * (np.arange(channels) + 1) / PROBE_VOCAB).astype(np.float32)
+        model = Conv1DProbe(features=32 if quick else 128)
+        return model, classification_loss(model.apply), signals, labels
+    model = Seq5Probe(embed=48, hidden=32) if quick else Seq5Probe()
+    return model, language_model_loss(model.apply), tokens, np.asarray(data.y_train) % PROBE_VOCAB
+
 
 def make_problem(name: str, batch_size: int, quick: bool) -> dict[str, Any]:
-    """The model, per-example loss, parameters and one batch of real data for ``name`` in mlp, cnn, lm."""
+    """The model, per-example loss, parameters and one batch of real data for ``name`` in :data:`MODELS`."""
+    if name == "nnx":  # the same transformer written with Flax NNX layers (captured by the NNX ghost backend)
+        from adabatch.benchmarks._nnx_problem import make_nnx_problem
+
+        return make_nnx_problem(batch_size, quick)
     rng = np.random.default_rng(0)
     model: nn.Module
     size: dict[str, Any]
@@ -71,6 +140,8 @@ def make_problem(name: str, batch_size: int, quick: bool) -> dict[str, Any]:
         x, y = data.x_train, data.y_train
         model = CNN()
         loss = classification_loss(model.apply)
+    elif name in ("embed", "conv1d", "seq5"):
+        model, loss, x, y = _probe(name, quick)
     else:
         seq_len = 16 if quick else 32
         data = load_text(seq_len=seq_len)
@@ -202,7 +273,33 @@ def _torch_model(problem: dict):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
             return self.head(self.ln(self.blocks(self.embed(tokens) + self.positions(positions))))
 
+    class Probe(nn.Module):
+        def __init__(self, name: str, quick: bool):
+            super().__init__()
+            self.name = name
+            if name == "embed":
+                width = 48 if quick else 128
+                self.embed, self.head = nn.Embedding(PROBE_VOCAB, width), nn.Linear(width, 10)
+            elif name == "conv1d":
+                channels, width = (16, 32) if quick else (32, 128)
+                self.conv, self.head = nn.Conv1d(channels, width, 3, padding=1), nn.Linear(width, 10)
+            else:
+                embed, hidden = (48, 32) if quick else (128, 128)
+                self.embed, self.dense = nn.Embedding(PROBE_VOCAB, embed), nn.Linear(embed, hidden)
+                self.norm, self.conv = nn.LayerNorm(hidden), nn.Conv1d(hidden, hidden, 3, padding=1)
+                self.head = nn.Linear(hidden, PROBE_VOCAB)
+
+        def forward(self, x):
+            if self.name == "embed":
+                return self.head(self.embed(x).mean(1))
+            if self.name == "conv1d":
+                return self.head(torch.relu(self.conv(x.transpose(1, 2))).mean(2))
+            h = self.norm(torch.relu(self.dense(self.embed(x))))
+            return self.head(torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2))
+
     name, quick = problem["name"], problem["quick"]
+    if name in ("embed", "conv1d", "seq5"):
+        return Probe(name, quick)
     if name == "mlp":
         width = 32 if quick else 512
         return nn.Sequential(
@@ -235,7 +332,7 @@ def measure_torch(problem: dict, available: dict, repeats: int, budget_s: float,
     if problem["name"] == "cnn":
         x = x.permute(0, 3, 1, 2).contiguous()
     y = y.long()
-    x = x.long() if problem["name"] == "lm" else x
+    x = x.long() if problem["name"] in ("lm", "nnx", "embed", "seq5") else x
 
     def per_example(logits, target):
         if logits.ndim == 3:  # (b, t, vocab): each sequence's mean token loss
@@ -346,7 +443,9 @@ def run(
         too_slow: set[str] = set()
         for b in sizes:
             problem = make_problem(model, b, quick)
+            report = ghost_report(problem["loss"], problem["params"], problem["batch"])
             row: dict[str, Any] = {"model": model, "B": b, "torch": {}}
+            row["forms"] = {layer.name: layer.form for layer in report.layers}
             row["jax"] = measure_jax(
                 jax_functions(problem), (problem["params"], problem["batch"]), repeats, budget_s, too_slow
             )
@@ -420,9 +519,21 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
         "8-group estimate; `vmap` materialised per-example gradients. Peers compute q and S₂ (Opacus-ghost: q).",
         "",
     ]
-    names = {"mlp": "MLP 784-512-512-10", "cnn": "CNN (digits 8×8)", "lm": "TransformerLM (pydoc text)"}
+    names = {
+        "mlp": "MLP 784-512-512-10",
+        "cnn": "CNN (digits 8×8)",
+        "lm": "TransformerLM (pydoc text)",
+        "embed": "Embed(97, 128) on 64 tokens + head",
+        "conv1d": "Conv1D(32 → 128, 3) on 64 positions + head",
+        "seq5": "Embed → Dense → LayerNorm → Conv1D → Dense (64 tokens, width 128)",
+        "nnx": "TransformerLM written with Flax NNX (pydoc text)",
+    }
     for model in dict.fromkeys(r["model"] for r in results):
         parts += [f"### {names.get(model, model)}: time", "", table(results, model, "time"), ""]
+        forms = next(r.get("forms", {}) for r in results if r["model"] == model)
+        if forms:
+            chosen = ", ".join(f"`{name}` {form}" for name, form in forms.items())
+            parts += [f"Forms chosen by the cost model (`ghost`): {chosen}.", ""]
         parts += [f"### {names.get(model, model)}: memory", "", table(results, model, "memory"), ""]
     if notes:
         parts += ["Notes:", "", *[f"* {n}" for n in notes], ""]
@@ -466,8 +577,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``adabatch bench stats`` (also ``python -m adabatch.benchmarks.stats``)."""
     parser.add_argument("--quick", action="store_true", help="tiny models, one batch size (a smoke test)")
     parser.add_argument("--out", default=None, help="write the '## Per-example statistics' section into this file")
-    parser.add_argument("--models", default="mlp,cnn,lm", help="comma-separated subset of mlp,cnn,lm")
-    parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (default 32,64,...,1024)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (default 64,128,...,1024)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     parser.add_argument("--conclusion", default=None, help="a Markdown file whose text ends the section")
 

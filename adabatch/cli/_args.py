@@ -75,6 +75,20 @@ def choice(valid: tuple[str, ...], what: str) -> Callable[[str], str]:
     return parse
 
 
+def name_list(valid: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated, non-empty list of names from ``valid`` (the message lists them)."""
+    one = choice(valid, what)
+
+    def parse(value: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in value.split(",") if part.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s, got {value!r}")
+        return tuple(one(name) for name in names)
+
+    parse.__name__ = f"{what} list"
+    return parse
+
+
 def output_dir(text: str) -> str:
     """An argparse type: a directory to write into (absent, or an existing directory; not a file)."""
     if os.path.exists(text) and not os.path.isdir(text):

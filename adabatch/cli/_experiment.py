@@ -8,6 +8,11 @@ AdaGrad and AdaGrad-Norm against fixed batches, a batch-size warm-up and AdaScal
 with a fixed batch and with the norm test (and SGD with the learned optimal batch size) at equal sample budgets
 (:mod:`adabatch.experiments.optimizers`).
 
+``adabatch experiment batch-hessian [--data digits|text|both] [--quick] [--out DIR] [--seeds N] [--lr-results DIR]
+[--reanalyse]`` measures the extremal eigenvalues of batch Hessians and Gauss-Newton matrices against the full-data
+ones, the learning rates they predict, and compares them with lr-vs-batch's measured optima
+(:mod:`adabatch.experiments.batch_hessian`).
+
 ``adabatch experiment lr-vs-batch --optimizer sgd|adam|adabelief|sign [--data digits|text] [--quick] [--out DIR]``
 trains a grid of batch sizes × learning rates, finds the optimal learning rate per batch size, fits the linear,
 square-root and surge laws with confidence intervals, measures the gradient noise scale and writes
@@ -21,7 +26,7 @@ import dataclasses
 import importlib
 import sys
 
-from adabatch.cli._args import at_least, output_dir, positive_float
+from adabatch.cli._args import at_least, name_list, output_dir, positive_float
 
 __all__ = ["register"]
 
@@ -48,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lr.set_defaults(func=_lr_vs_batch)
     for name in _VARIABLE_BATCH:
         _register_variable_batch(experiments, name)
+    _register_batch_hessian(experiments)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -60,7 +66,7 @@ _VARIABLE_BATCH = {
     ),
     "optimizers": (
         "every optimizer with a fixed batch and with the norm test at equal sample budgets",
-        ("seeds",),
+        ("seeds", "optimizers"),
         lambda result: [
             f"  {c['optimizer']}: {c['claim']}: {c['verdict']} ({c['evidence']})" for c in result["analysis"]["claims"]
         ],
@@ -81,6 +87,15 @@ def _register_variable_batch(experiments: argparse._SubParsersAction, name: str)
     parser.add_argument("--seeds", type=at_least(2), default=None, help="override the number of evaluation seeds")
     if "epochs" in overrides:
         parser.add_argument("--epochs", type=positive_float, default=None, help="override the budget in epochs")
+    if "optimizers" in overrides:
+        known = tuple(module.LEARNING_RATES)
+        parser.add_argument(
+            "--optimizers",
+            type=name_list(known, "optimizer"),
+            default=None,
+            help=f"comma-separated optimizers to run (default: {', '.join(module.OPTIMIZERS)}; "
+            f"also {', '.join(module.EXTRA_OPTIMIZERS)})",
+        )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--reanalyse", action="store_true", help="recompute summary.md and the plots from --out's results.json only"
@@ -104,6 +119,8 @@ def _variable_batch(args: argparse.Namespace, name: str) -> int:
     for field in overrides:
         if getattr(args, field) is not None:
             protocol = dataclasses.replace(protocol, **{field: getattr(args, field)})
+            if field == "optimizers":  # an explicit choice of optimizers runs all their arms
+                protocol = dataclasses.replace(protocol, only=())
     command = "adabatch " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
     result = module.run(protocol=protocol, quick=args.quick, out=out, progress=not args.no_progress, command=command)
     print(f"wrote {out}/results.json, summary.md, {', '.join(result.get('plots', []))} ({result['elapsed_s']:.0f} s)")
@@ -137,4 +154,62 @@ def _lr_vs_batch(args: argparse.Namespace) -> int:
     print(f"wrote {out}/results.json, summary.md, {', '.join(result.get('plots', []))} ({result['elapsed_s']:.0f} s)")
     for line in result["verdict"]:
         print(" ", line)
+    return 0
+
+
+def _register_batch_hessian(experiments: argparse._SubParsersAction) -> None:
+    from adabatch.experiments import batch_hessian
+
+    parser = experiments.add_parser(
+        "batch-hessian",
+        help="batch-Hessian and Gauss-Newton extremal eigenvalues against batch size, and the learning rates they "
+        "predict vs lr-vs-batch",
+        description=(batch_hessian.__doc__ or "").split("\n\n")[0] + " See docs/experiments.md.",
+    )
+    parser.add_argument(
+        "--data", choices=(*batch_hessian.DATASETS, "both"), default="both", help="digits, text or both"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny protocol that runs in seconds (for tests)")
+    parser.add_argument("--out", type=output_dir, default=None, help="output folder (default results/batch-hessian)")
+    parser.add_argument("--seeds", type=at_least(1), default=None, help="override the number of seeds")
+    parser.add_argument(
+        "--lr-results",
+        default="results",
+        help="folder holding lr-vs-batch-<optimizer>-<data>/results.json (missing ones are measured here with a "
+        "reduced grid)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--reanalyse", action="store_true", help="recompute summary.md and the plots from --out's results.json only"
+    )
+    parser.set_defaults(func=_batch_hessian)
+
+
+def _batch_hessian(args: argparse.Namespace) -> int:
+    from adabatch.experiments import batch_hessian
+
+    out = args.out or "results/batch-hessian"
+    if args.reanalyse:
+        try:
+            result = batch_hessian.reanalyse(out)
+        except FileNotFoundError as exc:
+            print(f"--reanalyse: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}/summary.md, {', '.join(result['plots'])}")
+        return 0
+    data = batch_hessian.DATASETS if args.data == "both" else (args.data,)
+    command = "adabatch " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
+    result = batch_hessian.run(
+        data=data,
+        quick=args.quick,
+        out=out,
+        seeds=args.seeds,
+        lr_results=args.lr_results,
+        progress=not args.no_progress,
+        command=command,
+    )
+    print(f"wrote {out}/results.json, summary.md, {', '.join(result.get('plots', []))} ({result['elapsed_s']:.0f} s)")
+    for name, d in result["analysis"].items():
+        for c in d["claims"]:
+            print(f"  {name}: {c['verdict']}: {c['claim']} ({c['evidence']})")
     return 0

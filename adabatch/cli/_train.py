@@ -28,7 +28,16 @@ from adabatch.cli._args import at_least, check, choice, host_port, output_dir, p
 
 __all__ = ["OPTIMIZERS", "RULES", "build_tx", "params_sha256", "register", "run_config", "write_plots"]
 
-RULES = ("norm", "inner_product", "orthogonality", "augmented_inner_product", "coordinate_norm", "noise_scale", "none")
+RULES = (
+    "norm",
+    "inner_product",
+    "orthogonality",
+    "augmented_inner_product",
+    "coordinate_norm",
+    "noise_scale",
+    "optimal_batch",
+    "none",
+)
 OPTIMIZERS = (
     "adagrad_norm",
     "adagrad",
@@ -42,27 +51,47 @@ OPTIMIZERS = (
     "active_adam",
     "clars",
     "extrap_sgd",
+    "slq_learner",
 )
 ACTIVE_PERIOD = 100  # steps between ActiveLR's gain updates on the command line
 # How long a process waits for the coordinator and for the other processes before it fails (JAX's default).
 INITIALIZATION_TIMEOUT_S = 300
+# A process that dies (or hangs) stops sending heartbeats; after this many seconds the coordination service fails
+# every other process of the run, so none waits forever in a collective (JAX's default).
+HEARTBEAT_TIMEOUT_S = 100
 
 
 def build_tx(
-    rule: str, optimizer: str, *, lr: float, eta: float, max_batch_size: int, init_batch_size: int = 16
+    rule: str,
+    optimizer: str,
+    *,
+    lr: float,
+    eta: float,
+    max_batch_size: int,
+    init_batch_size: int = 16,
+    num_examples: int | None = None,
 ) -> Any:
     r"""``optax.chain(<rule>, <optimizer>)`` (just the optimizer for ``rule="none"``).
 
     ``eta`` is the rule's constant: η for the norm tests, θ and ν for the inner-product tests, and for the
     noise-scale rule the multiplier :math:`1/\eta^2` (so that every rule asks for about
     :math:`B_\text{simple}/\eta^2`); the rule starts at ``init_batch_size`` and never exceeds ``max_batch_size``.
+    ``optimal_batch`` is Alfarra et al.'s learned optimal SGD batch size (:func:`adabatch.optimal_batch_rule`) over
+    ``num_examples`` training examples, with the constants a network does not have set to
+    :math:`L = L_{\max} = \mu = 1` and the target accuracy :math:`\epsilon` = ``eta``, so that it asks for
+    :math:`\tau^\star \approx 2\hat h/\eta` examples (:math:`\hat h` the mean per-example squared gradient
+    norm); it leaves the optimizer's step size alone (``apply_step_size=False``).
     ``active_adam`` updates its gains every ``ACTIVE_PERIOD`` steps. ``extrap_sgd`` (momentum 0.9, Nesterov, the
     extrapolation step equal to ``lr``) needs a second gradient per step, which the training step computes.
+    ``slq_learner`` learns its step size and momentum from a Hessian spectrum of the batch every 10 steps (20
+    Lanczos steps, one probe; :func:`adabatch.slq_learner`'s defaults): ``lr`` is its step size only until the
+    first spectrum is accepted.
     """
     import optax
 
     from adabatch import optimizers as o
     from adabatch import rules
+    from adabatch.curvature import slq_learner
 
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid choices: {', '.join(RULES)}")
@@ -81,6 +110,7 @@ def build_tx(
         "active_adam": lambda lr: o.active_adam(lr, period=ACTIVE_PERIOD),
         "clars": o.clars,
         "extrap_sgd": o.extrap_sgd,
+        "slq_learner": lambda lr: slq_learner(init_learning_rate=lr),
     }[optimizer](lr)
     if rule == "none":
         return opt
@@ -92,8 +122,17 @@ def build_tx(
         "augmented_inner_product": lambda: rules.augmented_inner_product_test(eta, eta, **cap),
         "coordinate_norm": lambda: rules.coordinate_norm_test(eta, **cap),
         "noise_scale": lambda: rules.noise_scale_rule(1.0 / eta**2, **cap),
+        "optimal_batch": lambda: rules.optimal_batch_rule(
+            _examples(num_examples), 1.0, 1.0, 1.0, eta, max_batch_size=max_batch_size, init_batch_size=init_batch_size
+        ),
     }[rule]()
     return optax.chain(test, opt)
+
+
+def _examples(num_examples: int | None) -> int:
+    if num_examples is None:
+        raise ValueError("rule 'optimal_batch' needs num_examples (the number of training examples)")
+    return num_examples
 
 
 def params_sha256(params: Any) -> str:
@@ -263,6 +302,7 @@ def _main(args: argparse.Namespace) -> int:
         from jax.sharding import Mesh
 
         mesh = Mesh(np.array(jax.devices()), ("data",))
+    data = load_digits(seed=args.seed)
     tx = build_tx(
         args.rule,
         args.optimizer,
@@ -270,6 +310,7 @@ def _main(args: argparse.Namespace) -> int:
         eta=args.eta,
         max_batch_size=args.max_batch_size,
         init_batch_size=args.batch_size,
+        num_examples=len(data.x_train),
     )
     name = f"{args.rule}+{args.optimizer}"
     if lead:
@@ -281,7 +322,7 @@ def _main(args: argparse.Namespace) -> int:
             summary, history = run_config(
                 name,
                 tx,
-                data=load_digits(seed=args.seed),
+                data=data,
                 model=CNN() if args.model == "cnn" else MLP(features=(32,)),
                 batch_size=args.batch_size,
                 steps=args.steps,
@@ -444,6 +485,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
         num_processes=count,
         process_id=index,
         initialization_timeout=INITIALIZATION_TIMEOUT_S,
+        heartbeat_timeout_seconds=args.heartbeat_timeout,
     )
 
 
@@ -481,7 +523,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="the CNN, or a small MLP")
     parser.add_argument(
-        "--eta", type=positive_float, default=0.8, help="the rule's constant (η, or θ/ν; noise_scale: multiplier 1/η²)"
+        "--eta",
+        type=positive_float,
+        default=0.8,
+        help="the rule's constant (η, or θ/ν; noise_scale: multiplier 1/η²; optimal_batch: accuracy ε)",
     )
     parser.add_argument("--lr", type=positive_float, default=0.3, help="learning rate")
     parser.add_argument("--batch-size", type=at_least(1), default=16, help="first (and smallest) batch size")
@@ -504,5 +549,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--num-processes", type=at_least(1), default=None, help="several processes: how many")
     parser.add_argument(
         "--process-id", type=at_least(0), default=None, help="several processes: this one's id in 0..N-1"
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=at_least(1),
+        default=HEARTBEAT_TIMEOUT_S,
+        help="several processes: seconds without a heartbeat after which a lost process fails the whole run",
     )
     parser.set_defaults(func=_main)

@@ -17,6 +17,7 @@ from adabatch._validation import accumulation_dtype, check_positive, check_posit
 __all__ = ["LanczosResult", "lanczos", "tridiagonal"]
 
 _HIGHEST = lax.Precision.HIGHEST
+_DGKS = 1 / np.sqrt(2)  # second Gram-Schmidt pass when a pass keeps less than this fraction of the norm
 
 
 class LanczosResult(NamedTuple):
@@ -42,15 +43,17 @@ def lanczos(
 
     With :math:`q_1 = v_0/\lVert v_0\rVert` and :math:`Q_j = [q_1,\dots,q_j]`, step :math:`j` computes
 
-    .. math:: w = A q_j,\quad \alpha_j = q_j^\top w,\quad
-              w \leftarrow w - Q_j Q_j^\top w\ \text{(twice)},\quad \beta_j = \lVert w\rVert,\quad
-              q_{j+1} = w/\beta_j,
+    .. math:: w = A q_j,\quad \alpha_j = q_j^\top w,\quad w \leftarrow w - \alpha_j q_j - \beta_{j-1} q_{j-1},\quad
+              w \leftarrow w - Q_j Q_j^\top w,\quad \beta_j = \lVert w\rVert,\quad q_{j+1} = w/\beta_j,
 
     so :math:`T_m = Q_m^\top A Q_m` is tridiagonal with diagonal :math:`\alpha` and off-diagonal :math:`\beta`.
-    Projecting :math:`w` against the whole basis, in two passes of classical Gram-Schmidt, keeps :math:`Q_m`
-    orthonormal to working precision, so no spurious copies of converged Ritz values appear, in float32 too. The
-    basis is preallocated (``num_steps`` × ``dim``, in the accumulation dtype) and the loop is a
-    ``lax.fori_loop``: the function can be jitted and vmapped (over ``v0``).
+    Projecting :math:`w` against the whole basis after the three-term recurrence (classical Gram-Schmidt, with a
+    second pass whenever a pass removes more than :math:`1-1/\sqrt2` of the norm, the Daniel-Gragg-Kaufman-Stewart
+    criterion) keeps :math:`Q_m` orthonormal to working precision, so no spurious copies of converged Ritz values
+    appear, in float32 too. The basis is preallocated (``num_steps`` × ``dim``, in the accumulation dtype) and the
+    loop is a
+    ``lax.fori_loop``: the function can be jitted and vmapped (over ``v0``). :func:`operator_spectrum` runs several
+    probes with one batched product per step, which is faster than a ``vmap`` of this function.
 
     **Breakdown.** When :math:`\beta_j \le` ``breakdown_tol`` · :math:`\max_{i\le j}\lVert A q_i\rVert` the Krylov
     space is invariant (a rank-deficient or zero operator, or a ``v0`` in few eigenspaces) and :math:`T_j` already
@@ -87,47 +90,84 @@ def lanczos(
     dtype = accumulation_dtype(flat0.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"v0 must have a floating dtype, got {flat0.dtype}")
-    tol = 100 * float(np.finfo(dtype).eps) if breakdown_tol is None else float(breakdown_tol)
-    m = int(num_steps)
 
     def flat_matvec(x: jax.Array) -> jax.Array:
-        out, _ = ravel_pytree(matvec(unravel(x.astype(flat0.dtype))))
+        out, _ = ravel_pytree(matvec(unravel(x[0].astype(flat0.dtype))))
         if out.shape != (dim,):
             raise ValueError(f"matvec must return a vector shaped like v0 ({dim} entries), got {out.shape}")
-        return out.astype(dtype)
+        return out.astype(dtype)[None]
 
-    q0 = flat0.astype(dtype)
-    q0 = q0 / jnp.linalg.norm(q0)
+    result = _lanczos_block(flat_matvec, flat0[None].astype(dtype), num_steps, breakdown_tol=breakdown_tol)
+    return jax.tree_util.tree_map(lambda x: x[0], result)
+
+
+def _lanczos_block(
+    matvec: Callable[[jax.Array], jax.Array],
+    starts: jax.Array,
+    num_steps: int,
+    *,
+    breakdown_tol: float | None = None,
+) -> LanczosResult:
+    r""":func:`lanczos` from ``k`` start vectors at once: ``k`` independent runs whose products share one call.
+
+    ``matvec`` maps a ``(k, d)`` array of vectors to their ``(k, d)`` products (e.g. ``jax.vmap`` of a
+    Hessian-vector product, one batched pass instead of ``k``); ``starts`` is ``(k, d)`` in a floating dtype.
+    The re-orthogonalisation of each run is written out per run rather than vmapped, so that it stays two
+    matrix-vector products against its own ``(num_steps, d)`` basis (XLA's CPU backend runs a batched ``(k, m,
+    d)`` product several times slower than ``k`` plain ones) and the second pass can be skipped when it is not
+    needed (``lax.cond``). Returns a :class:`LanczosResult` with a leading axis of size ``k`` on every field.
+    """
+    k, dim = starts.shape
+    m = int(num_steps)
+    if not 1 <= m <= dim:
+        raise ValueError(f"num_steps must be between 1 and the dimension ({dim}), got {num_steps}")
+    dtype = accumulation_dtype(starts.dtype)
+    tol = 100 * float(np.finfo(dtype).eps) if breakdown_tol is None else float(breakdown_tol)
+    q0 = starts.astype(dtype)
+    q0 = q0 / jnp.linalg.norm(q0, axis=-1, keepdims=True)
+
+    def project_out(basis: jax.Array, w: jax.Array) -> jax.Array:
+        # Rows of the basis not yet filled are zero and contribute nothing.
+        return w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
+
+    def reorthogonalise(basis: jax.Array, w: jax.Array) -> jax.Array:
+        # One pass of classical Gram-Schmidt against the basis; a second one only when the first removed most of w
+        # (Daniel-Gragg-Kaufman-Stewart criterion: cancellation may have left a component along the basis). After
+        # the three-term recurrence w is nearly orthogonal already, so the second pass is rare.
+        before = jnp.linalg.norm(w)
+        w = project_out(basis, w)
+        return lax.cond(jnp.linalg.norm(w) < _DGKS * before, project_out, lambda b, x: x, basis, w)
 
     def step(j, carry):
-        basis, q, alphas, betas, valid, active, scale = carry
-        basis = basis.at[j].set(q)
-        w = flat_matvec(q)
-        scale = jnp.maximum(scale, jnp.linalg.norm(w))
-        alpha = jnp.dot(q, w, precision=_HIGHEST)
-        # Two passes of classical Gram-Schmidt against the whole (zero-padded) basis, q_j and q_{j-1} included:
-        # this subtracts α_j q_j + β_{j-1} q_{j-1} and removes the loss of orthogonality in one go.
-        for _ in range(2):
-            w = w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
-        beta = jnp.linalg.norm(w)
+        bases, q, q_prev, beta_prev, alphas, betas, valid, active, scale = carry
+        bases = tuple(basis.at[j].set(q[i]) for i, basis in enumerate(bases))
+        w = matvec(q).astype(dtype)
+        scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=-1))
+        alpha = jnp.sum(q * w, axis=-1)
+        w = w - alpha[:, None] * q - beta_prev[:, None] * q_prev  # the three-term recurrence
+        w = jnp.stack([reorthogonalise(basis, w[i]) for i, basis in enumerate(bases)])
+        beta = jnp.linalg.norm(w, axis=-1)
         grows = active & (beta > tol * scale)
-        q_next = jnp.where(grows, w / jnp.where(grows, beta, 1), 0)
-        alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
-        betas = betas.at[j].set(jnp.where(grows, beta, 0))
-        valid = valid.at[j].set(active)
-        return basis, q_next, alphas, betas, valid, grows, scale
+        q_next = jnp.where(grows[:, None], w / jnp.where(grows, beta, 1)[:, None], 0)
+        beta = jnp.where(grows, beta, 0)
+        alphas = alphas.at[:, j].set(jnp.where(active, alpha, 0))
+        betas = betas.at[:, j].set(beta)
+        valid = valid.at[:, j].set(active)
+        return bases, q_next, q, beta, alphas, betas, valid, grows, scale
 
     init = (
-        jnp.zeros((m, dim), dtype),
+        tuple(jnp.zeros((m, dim), dtype) for _ in range(k)),
         q0,
-        jnp.zeros((m,), dtype),
-        jnp.zeros((m,), dtype),  # β_m (the residual of the last step) is dropped below
-        jnp.zeros((m,), bool),
-        jnp.asarray(True),
-        jnp.zeros((), dtype),
+        jnp.zeros((k, dim), dtype),
+        jnp.zeros((k,), dtype),
+        jnp.zeros((k, m), dtype),
+        jnp.zeros((k, m), dtype),  # β_m (the residual of the last step) is dropped below
+        jnp.zeros((k, m), bool),
+        jnp.ones((k,), bool),
+        jnp.zeros((k,), dtype),
     )
-    _, _, alphas, betas, valid, _, _ = lax.fori_loop(0, m, step, init)
-    return LanczosResult(alphas=alphas, betas=betas[: m - 1], valid=valid)
+    _, _, _, _, alphas, betas, valid, _, _ = lax.fori_loop(0, m, step, init)
+    return LanczosResult(alphas=alphas, betas=betas[:, : m - 1], valid=valid)
 
 
 def tridiagonal(result: LanczosResult) -> jax.Array:

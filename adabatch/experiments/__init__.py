@@ -9,6 +9,9 @@ matplotlib, tqdm).
 * :mod:`adabatch.experiments.optimizers`: every optimizer of the library with a fixed batch and with the norm test
   (and SGD with the learned optimal batch size) at equal sample budgets, each with its tuned learning rate, against
   the claims of their papers.
+* :mod:`adabatch.experiments.batch_hessian`: the extremal eigenvalues of batch Hessians and Gauss-Newton matrices
+  against the full-data ones (Granziol et al.), the maximal stable learning rates they predict for SGD and Adam, and
+  how those compare with lr-vs-batch's measured optima.
 """
 
-__all__ = ["adadagrad", "lr_vs_batch", "optimizers"]
+__all__ = ["adadagrad", "batch_hessian", "lr_vs_batch", "optimizers"]

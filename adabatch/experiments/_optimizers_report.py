@@ -48,6 +48,14 @@ CLAIMS: dict[str, tuple[str, str]] = {
         "layer-wise rates from the gradient variance train large batches without warm-up",
     ),  # fmt: skip
     "sgd": ("Alfarra et al. 2020", "the learned batch size minimises SGD's total work (samples) to a target"),
+    "extrap_sgd": (
+        "Lin, Kong, Stich & Jaggi 2020",
+        "extrapolating before each step improves on SGD with Nesterov momentum, above all with large batches",
+    ),  # fmt: skip
+    "slq_learner": (
+        "Granziol, Zohren & Roberts 2022",
+        "a learning rate and momentum learned from the Hessian spectrum, untuned, train as well as tuned SGD-momentum",
+    ),  # fmt: skip
 }
 
 
@@ -260,6 +268,21 @@ def claims(analysis: dict[str, Any], higher_is_better: bool = True) -> list[dict
         if "sgd_momentum/norm" in rows:
             evidence.append(versus("clars/norm", "sgd_momentum/norm", 0.0)[1])
         add("clars", side, evidence)
+    pairs = [versus(f"extrap_sgd/{b}", f"sgd_momentum/{b}", 0.0) for b in ("norm", "fixed")
+             if f"extrap_sgd/{b}" in rows and f"sgd_momentum/{b}" in rows]  # fmt: skip
+    if pairs:
+        add("extrap_sgd", _combine([p[0] for p in pairs]), [p[1] for p in pairs])
+    pairs = [
+        versus(f"slq_learner/{b}", f"sgd_momentum/{b}", tol)
+        for b in ("fixed", "norm")
+        if f"slq_learner/{b}" in rows and f"sgd_momentum/{b}" in rows
+    ]
+    if pairs:
+        evidence = [p[1] + f" (margin {tol:g})" for p in pairs]
+        evidence += [versus(f"slq_learner/{b}", f"adam/{b}", tol)[1] for b in batchings if f"slq_learner/{b}" in rows]
+        tuned = [b for b in ("fixed", "norm") if f"slq_learner_tuned/{b}" in rows and f"sgd_momentum/{b}" in rows]
+        evidence += [versus(f"slq_learner_tuned/{b}", f"sgd_momentum/{b}", tol)[1] + " (s tuned)" for b in tuned]
+        add("slq_learner", _combine([p[0] for p in pairs]), evidence)
     optimal = rows.get("sgd/optimal")
     if optimal is not None and "vs_fixed" in optimal:
         s = optimal["vs_fixed"]["sample_ratio"]

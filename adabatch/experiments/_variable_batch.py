@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adabatch import curvature as curv
+from adabatch import optimizers as opt
 from adabatch import rules
 from adabatch import stats as st
 
@@ -152,9 +154,13 @@ def make_run(problem: Problem, spec: Run) -> Callable[..., dict[str, jax.Array]]
                 idx = jax.lax.dynamic_slice(order, (pointer,), (size,))
                 batch = (problem.x[idx], problem.y[idx])
                 mask = (jnp.arange(size) < b).astype(jnp.float32)
+
+                def mean_grad(p):
+                    return jax.grad(lambda q: jnp.sum(problem.loss_fn(q, batch) * mask) / b)(p)
+
+                extra: dict[str, Any] = {}
                 if spec.needs is None:
-                    grads = jax.grad(lambda p: jnp.sum(problem.loss_fn(p, batch) * mask) / b)(params)
-                    updates, opt_state = tx.update(grads, opt_state, params)
+                    grads = mean_grad(params)
                 else:
                     stats = st.grad_stats(
                         problem.loss_fn,
@@ -166,7 +172,15 @@ def make_run(problem: Problem, spec: Run) -> Callable[..., dict[str, jax.Array]]
                         leaf_sq_norm_sum=spec.needs.leaf_sq_norm_sum,
                     )
                     assert isinstance(stats, st.GradStats)
-                    updates, opt_state = tx.update(stats.mean, opt_state, params, grad_stats=stats)
+                    grads, extra["grad_stats"] = stats.mean, stats
+                if curv.declared_curvature(opt_state) is not None:  # the SLQ learner's spectrum of this batch
+                    key = jax.random.fold_in(jax.random.key(0), pointer)
+                    extra["curvature"] = curv.requested_spectrum(
+                        problem.loss_fn, params, batch, opt_state, key=key, mask=mask
+                    )
+                if opt.needs_extrapolated_grads(opt_state):  # EXTRAP-SGD: the same batch's gradient at θ̃
+                    extra["extrapolated_grads"] = mean_grad(opt.extrapolate(params, opt_state, grads))
+                updates, opt_state = tx.update(grads, opt_state, params, **extra)
                 params = jax.tree_util.tree_map(lambda p, u: p + (lr * u).astype(p.dtype), params, updates)
                 return params, opt_state
 

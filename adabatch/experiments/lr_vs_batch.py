@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from adabatch import stats as st
+from adabatch.curvature import ModelLoss
 from adabatch.experiments._io import json_safe, machine
 from adabatch.optimizers import ScaleByBeliefState
 from adabatch.stats import grad_stats
@@ -132,6 +133,7 @@ class _Problem:
     x: jax.Array
     y: jax.Array
     eval_batch: tuple
+    model_loss: ModelLoss | None = None  # the same per-example loss split into model and output loss (for the GGN)
 
 
 def _problem(data: str, grid: Grid) -> _Problem:
@@ -142,15 +144,30 @@ def _problem(data: str, grid: Grid) -> _Problem:
         split = load_digits()
         model: nn.Module = MLP(features=(grid.width,))
         make_loss = classification_loss
+        output_loss = optax.softmax_cross_entropy_with_integer_labels
     else:
         split = load_text(seq_len=32)
         model = TransformerLM(d_model=grid.width, num_heads=2, num_layers=1, max_len=32)
         make_loss = language_model_loss
+
+        def output_loss(logits, targets):
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets), axis=-1)
+
     x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
     n_eval = len(x) if grid.eval_size == 0 else min(grid.eval_size, len(x))
+    model_loss = ModelLoss(functools.partial(_apply_params, model.apply), output_loss)
     return _Problem(
-        make_loss(model.apply), lambda key: model.init(key, x[:1])["params"], x, y, (x[:n_eval], y[:n_eval])
+        make_loss(model.apply),
+        lambda key: model.init(key, x[:1])["params"],
+        x,
+        y,
+        (x[:n_eval], y[:n_eval]),
+        model_loss,
     )
+
+
+def _apply_params(apply_fn: Callable, params: Any, inputs: Any) -> Any:
+    return apply_fn({"params": params}, inputs)
 
 
 def _trainer(problem: _Problem, opt: optax.GradientTransformation):

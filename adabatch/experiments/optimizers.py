@@ -12,6 +12,12 @@ paper's step size :math:`\gamma_k` times the tuned learning rate. For a network 
 mean per-example squared gradient norm) and its step is :math:`\gamma = 1/2` at :math:`b \ge \tau^\star`;
 :math:`\epsilon` is set so that :math:`\tau^\star` at initialisation is ``optimal_batch_at_init``.
 
+Besides the default set, ``--optimizers`` (``Protocol.optimizers``) selects any of :data:`LEARNING_RATES`, among
+them :data:`EXTRA_OPTIMIZERS`: EXTRAP-SGD (its gradient at the extrapolated point computed by the engine, a second
+backward pass per step) and the SLQ learner (:func:`adabatch.curvature.slq_learner`, its Hessian spectrum computed
+by the engine every ``interval`` steps), whose "learning rate" is the safety factor :math:`s` of its map —
+``slq_learner`` keeps the default :math:`s = 0.25` (untuned), ``slq_learner_tuned`` tunes it on the grid.
+
 Every arm runs for exactly ``epochs`` passes over the training set (the last batch is cut to the budget), in one
 compiled ``lax.scan`` per (optimizer, batching) (``adabatch.experiments._variable_batch``). The learning rate is
 an argument of each optimizer's factory (a traced value inside the compiled run), so no optimizer needs to be linear
@@ -38,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adabatch import curvature, rules
 from adabatch import optimizers as opt
-from adabatch import rules
 from adabatch import stats as st
 from adabatch.experiments import _optimizers_report as report
 from adabatch.experiments import _protocol
@@ -50,6 +56,7 @@ from adabatch.experiments.adadagrad import problem
 __all__ = [
     "BATCHINGS",
     "DATASETS",
+    "EXTRA_OPTIMIZERS",
     "LEARNING_RATES",
     "OPTIMIZERS",
     "Arm",
@@ -100,7 +107,14 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "active_adam": _grid(-16, -4),  # its gain grows along the run: the optimum sits far below Adam's
     "adalomo": _grid(-11, -3),
     "clars": _grid(-10, -3),
+    # The SLQ learner learns its step size: its "learning rate" is the safety factor s of its map (α ≈ 4s/λ_max).
+    # "slq_learner" keeps the library's default s (no tuning); "slq_learner_tuned" tunes s like a learning rate.
+    "slq_learner": (0.25,),
+    "slq_learner_tuned": _grid(-6, -1),
+    "extrap_sgd": _grid(-9, -2),  # Nesterov momentum 0.9 like sgd_momentum: the same grid
 }
+# Optimizers the experiment can run besides the default set (``--optimizers``).
+EXTRA_OPTIMIZERS = ("slq_learner", "slq_learner_tuned", "extrap_sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +164,7 @@ def default_protocol(data: str = "digits", quick: bool = False) -> Protocol:
         # Adam (the target), Eve (sq_sum statistics), CLARS under the norm test (per-leaf statistics and a rule) and
         # SGD with the optimal batch: every code path, four compilations.
         return Protocol(data, epochs=2, batch_size=8, eta=1.4, optimal_batch_at_init=16,
-                        learning_rates=tuple((k, v[3:6:2]) for k, v in lrs), tuning_seeds=1, seeds=2,
+                        learning_rates=tuple((k, v[3:6:2] or v[:1]) for k, v in lrs), tuning_seeds=1, seeds=2,
                         sample_evals=4, width=8, target_tolerance=0.05,
                         only=("adam/fixed", "eve/fixed", "clars/norm", "sgd/optimal"), train_examples=128,
                         max_batch_size=32)  # fmt: skip
@@ -158,8 +172,8 @@ def default_protocol(data: str = "digits", quick: bool = False) -> Protocol:
         return Protocol(data, epochs=40, batch_size=8, eta=1.4, optimal_batch_at_init=32, learning_rates=lrs,
                         tuning_seeds=2, seeds=5, sample_evals=40, width=32, target_tolerance=0.01)  # fmt: skip
     return Protocol(data, epochs=1, batch_size=8, eta=1.4, optimal_batch_at_init=32,
-                    learning_rates=tuple((k, v[1::2]) for k, v in lrs), tuning_seeds=1, seeds=3, sample_evals=20,
-                    width=32, target_tolerance=0.05, max_batch_size=512)  # fmt: skip
+                    learning_rates=tuple((k, v[1::2] or v[:1]) for k, v in lrs), tuning_seeds=1, seeds=3,
+                    sample_evals=20, width=32, target_tolerance=0.05, max_batch_size=512)  # fmt: skip
 
 
 def arms(protocol: Protocol) -> list[Arm]:
@@ -198,9 +212,13 @@ def build(optimizer: str, learning_rate: Any, *, active_period: int = 100) -> op
         "active_adam": lambda: opt.active_adam(lr, period=active_period),
         "adalomo": lambda: opt.adalomo(lr),
         "clars": lambda: opt.clars(lr),
+        "slq_learner": lambda: curvature.slq_learner(safety=lr),
+        "slq_learner_tuned": lambda: curvature.slq_learner(safety=lr),
+        "extrap_sgd": lambda: opt.extrap_sgd(lr),
     }
     if optimizer not in factories:
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}; got {optimizer!r}")
+        choices = ", ".join(map(repr, OPTIMIZERS + EXTRA_OPTIMIZERS))
+        raise ValueError(f"optimizer must be one of {choices}; got {optimizer!r}")
     return factories[optimizer]()
 
 

@@ -8,12 +8,15 @@ linen module                   ghost kind  conditions (otherwise the layer's par
 =============================  ==========  ====================================================================
 ``Dense``                      dense       —
 ``DenseGeneral``               dense       ``batch_dims == ()``
-``Conv``                       conv        ``feature_group_count == 1``, no ``mask``, padding not CIRCULAR /
-                                           REFLECT / CAUSAL
+``Conv``                       conv        no ``mask``, padding not CIRCULAR / REFLECT (any rank, strides,
+                                           dilations, feature groups; CAUSAL for 1-D)
 ``Embed``                      embed       ``__call__`` only (a table also used by ``attend`` falls back)
 ``LayerNorm``, ``RMSNorm``,    layerwise   called on the input alone (no ``mask``)
 ``GroupNorm``, ``Einsum``
 =============================  ==========  ====================================================================
+
+A recognised layer that cannot be captured (a masked or circularly padded convolution, ``DenseGeneral`` with
+``batch_dims``) is declined with its reason (:func:`adabatch.ghost.decline`), which the report shows.
 
 Importing this module registers the backend; :mod:`adabatch.ghost` imports it by itself whenever ``flax.linen`` is
 already imported, so users never need to.
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from adabatch.stats.ghost import capture, register_capture_backend
+from adabatch.stats.ghost import capture, decline, register_capture_backend
 
 __all__ = ["linen_capture"]
 
@@ -45,15 +48,16 @@ def _as_tuple(value: Any, rank: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _describe(module: nn.Module, x: Any) -> tuple[str, tuple] | None:
-    """(kind, config) for a supported layer called on ``x``, or None."""
+def _describe(module: nn.Module, x: Any) -> tuple[str, tuple] | str | None:
+    """(kind, config) for a supported layer called on ``x``, a reason string for a recognised layer that cannot
+    be captured, or None for any other module."""
     kind = type(module)
     ndim = jnp.ndim(x)
     if kind is nn.Dense:
         return "dense", ((ndim - 1,), int(jnp.shape(x)[-1]), int(module.features))
     if kind is nn.DenseGeneral:
         if tuple(module.batch_dims):
-            return None
+            return "DenseGeneral with batch_dims (weights shared across a batch axis) has no ghost form"
         axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
         axes = tuple(a % ndim for a in axes)
         features = module.features if isinstance(module.features, tuple | list) else (module.features,)
@@ -68,15 +72,23 @@ def _describe(module: nn.Module, x: Any) -> tuple[str, tuple] | None:
         kernel_size = _as_tuple(module.kernel_size, 1)
         rank = len(kernel_size)
         padding = canonicalize_padding(module.padding, rank)
-        if module.feature_group_count != 1 or module.mask is not None or padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
-            return None
-        padding = padding if isinstance(padding, str) else tuple((lo, hi) for lo, hi in padding)
+        kernel_dilation = _as_tuple(module.kernel_dilation, rank)
+        if module.mask is not None:
+            return "masked convolution (its kernel is multiplied by a mask) falls back to vmap"
+        if padding in ("CIRCULAR", "REFLECT"):
+            return f"{padding} padding (the input is wrapped or mirrored before the convolution) falls back to vmap"
+        if padding == "CAUSAL":
+            if rank != 1 or _as_tuple(module.input_dilation, rank) != (1,):
+                return "CAUSAL padding with input dilation (padded before dilating) falls back to vmap"
+            padding = (((kernel_size[0] - 1) * kernel_dilation[0], 0),)
+        padding = padding if isinstance(padding, str) else tuple((int(lo), int(hi)) for lo, hi in padding)
         return "conv", (
             kernel_size,
             _as_tuple(module.strides, rank),
             padding,
             _as_tuple(module.input_dilation, rank),
-            _as_tuple(module.kernel_dilation, rank),
+            kernel_dilation,
+            int(module.feature_group_count),
         )
     if kind is nn.Embed:
         return "embed", ()
@@ -95,13 +107,16 @@ def _interceptor(next_fun, args, kwargs, context):
     params = module.variables.get("params", {})
     if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
         return next_fun(*args, **kwargs)
+    name = "/".join(str(part) for part in module.path) or type(module).__name__
+    if isinstance(described, str):
+        decline(params, described, name)
+        return next_fun(*args, **kwargs)
     kind, config = described
     unbound = module.clone(parent=None)
 
     def apply(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
         return unbound.apply({"params": dict(p)}, x)
 
-    name = "/".join(str(part) for part in module.path) or type(module).__name__
     return capture(
         kind,
         dict(params),

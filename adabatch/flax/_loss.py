@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adabatch.flax._nnx_ghost import module_names
+
 __all__ = ["nnx_params", "per_example_loss"]
 
 
@@ -69,7 +71,10 @@ def per_example_loss(
 
         def nnx_loss(params: Any, batch: tuple) -> jax.Array:
             inputs, targets = batch
-            return _per_example(loss(nnx.merge(graphdef, params, *rest)(inputs), targets))
+            merged = nnx.merge(graphdef, params, *rest)
+            with module_names(merged):  # ghost reports name the layers by their path in the model
+                outputs = merged(inputs)
+            return _per_example(loss(outputs, targets))
 
         return nnx_loss
     if not callable(model):

@@ -2,7 +2,8 @@
 ``tx.update`` (flax's own does not), and one-call updates for linen and NNX (a stock ``nnx.Optimizer``, whose
 ``update(model, grads, **kwargs)`` already forwards keyword arguments to ``tx.update``).
 
-Both helpers compute the :class:`~adabatch.GradStats` of the batch (``adabatch.grad_stats``), then update with
+Both helpers compute the :class:`~adabatch.GradStats` of the batch (``adabatch.grad_stats``, by default with
+``method="ghost"``: exact, about the cost of a plain gradient for the Flax layers it captures), then update with
 ``grad_stats=stats``, ``batch_size=stats.count`` and ``value=mean loss``, the extra-argument names of adabatch's
 rules, scaling rules and Optax's line searches. Use them inside ``jax.jit`` / ``nnx.jit``.
 """
@@ -97,7 +98,7 @@ def linen_update(
     loss_fn: Callable[[Any, Any], jax.Array],
     batch: Any,
     *,
-    stats: str = "vmap",
+    stats: str = "ghost",
     sq_sum: bool | None = None,
     inner_sq_sum: bool | None = None,
     mask: jax.Array | None = None,
@@ -108,7 +109,10 @@ def linen_update(
       state: the train state.
       loss_fn: per-example loss ``loss_fn(params, batch) -> (b,)`` (e.g. from :func:`per_example_loss`).
       batch: the batch.
-      stats: the :func:`adabatch.grad_stats` method.
+      stats: the :func:`adabatch.grad_stats` method. The default ``"ghost"`` takes the exact ghost statistics of
+        the captured Flax layers (linen and NNX: dense, convolution, embedding, normalisation, einsum) at about
+        the cost of a plain gradient, and per-example gradients (vmap) for any other parameter; pass ``"vmap"``
+        for a ``loss_fn`` that hides its layer calls (e.g. wrapped in ``jax.jit``).
       sq_sum, inner_sq_sum: optional statistics; None infers what ``state.tx`` needs.
       mask: optional ``(b,)`` weights in {0, 1}; rows with weight 0 (padding to a fixed shape) are ignored.
 
@@ -129,7 +133,7 @@ def nnx_update(
     loss_fn: Callable[[Any, Any], jax.Array],
     batch: Any,
     *,
-    stats: str = "vmap",
+    stats: str = "ghost",
     sq_sum: bool | None = None,
     inner_sq_sum: bool | None = None,
     mask: jax.Array | None = None,
@@ -145,7 +149,10 @@ def nnx_update(
       optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
       loss_fn: per-example loss ``loss_fn(params, batch) -> (b,)`` (e.g. ``per_example_loss(model, ...)``).
       batch: the batch.
-      stats: the :func:`adabatch.grad_stats` method.
+      stats: the :func:`adabatch.grad_stats` method. The default ``"ghost"`` takes the exact ghost statistics of
+        the captured Flax layers (linen and NNX: dense, convolution, embedding, normalisation, einsum) at about
+        the cost of a plain gradient, and per-example gradients (vmap) for any other parameter; pass ``"vmap"``
+        for a ``loss_fn`` that hides its layer calls (e.g. wrapped in ``jax.jit``).
       sq_sum, inner_sq_sum: optional statistics; None infers what ``optimizer.tx`` needs.
       mask: optional ``(b,)`` weights in {0, 1}; rows with weight 0 (padding to a fixed shape) are ignored.
 

@@ -9,18 +9,16 @@ statistics need only :math:`A_i` and :math:`\Delta_i` (both of activation size):
 * without a sequence axis (:math:`T=1`): :math:`\lVert g_i\rVert^2 = \lVert a_i\rVert^2\lVert\delta_i\rVert^2`,
   :math:`\sum_i g_i\odot g_i = (a\odot a)^\top(\delta\odot\delta)` and
   :math:`\langle g_i, D\rangle = a_i^\top D\,\delta_i`;
-* with a sequence axis, the layer's own per-example gradients :math:`A_i^\top\Delta_i` ("direct": the
-  weight-gradient product of a plain backward pass, kept per example; its sum over :math:`i` is that product, so
-  it costs no extra flops) while :math:`d_\text{in}d_\text{out}\le 4T(d_\text{in}+d_\text{out})`, i.e. while
-  a per-example layer gradient is at most 4× the layer's per-example activations; otherwise the Gram form
-  :math:`\lVert g_i\rVert^2 = \langle A_iA_i^\top, \Delta_i\Delta_i^\top\rangle_F` (memory :math:`T^2`
-  per example, :math:`2T^2(d_\text{in}+d_\text{out})` extra flops). :math:`S_2` with a sequence axis always
-  takes the direct form: it has no Gram identity.
+* with a sequence axis (:math:`T>1` positions, or the output positions of a convolution), either the Gram form
+  :math:`\lVert g_i\rVert^2 = \langle A_iA_i^\top, \Delta_i\Delta_i^\top\rangle_F` or the layer's own
+  per-example gradients :math:`A_i^\top\Delta_i` ("direct"), and for embeddings also a sorted "segment" form;
+  a cost model picks the cheapest exact form per layer at trace time from the static shapes and the statistics
+  asked for (:mod:`adabatch.stats._ghost_forms` has the formulas; ``docs/statistics.md`` the measurements).
 
-Convolutions become dense layers on their input patches (:math:`T` = output positions), embeddings use the one-hot
-form (:math:`\lVert g_i\rVert^2=\sum_{t,s}[x_{it}=x_{is}]\,\delta_{it}\cdot\delta_{is}`), and small
-element-wise layers (LayerNorm/RMSNorm scale and bias, einsums) get their per-example gradients by a per-example
-VJP of the layer alone (``"layerwise"``: :math:`b\times` that layer's parameters only).
+Convolutions (1-D, 2-D, 3-D; strides, padding, dilations, feature groups) become :math:`G` dense layers on their
+input patches (:math:`T` = output positions), embeddings read :math:`T` ids, and small element-wise layers
+(LayerNorm/RMSNorm scale and bias, einsums) get their per-example gradients by a per-example VJP of the layer
+alone (``"layerwise"``: :math:`b\times` that layer's parameters only).
 
 How :math:`A_i` and :math:`\Delta_i` are obtained: the batch is run *per example* under ``jax.vmap`` (exactly the
 semantics of ``method="vmap"``), the layer inputs are recorded, and a zero perturbation is added at every captured
@@ -34,8 +32,11 @@ and ``Einsum`` (loaded automatically when flax is imported); in plain JAX write 
 :func:`~adabatch.stats.ghost.dense`, :func:`~adabatch.stats.ghost.conv`, :func:`~adabatch.stats.ghost.embed` and
 :func:`~adabatch.stats.ghost.layer`, which compute the layer normally and register it when a capture is active. A
 parameter leaf is attributed to a layer by identity (the array passed in ``params`` reaches the layer unchanged);
-a leaf that is also used outside its captured layers, or by two different layers, falls back to vmap. The report
-(:func:`ghost_report`, or ``grad_stats(..., return_report=True)``) says which path each leaf took.
+a leaf that is also used outside its captured layers, or by two different layers, falls back to vmap, and so do
+the parameters of a layer a backend declines (:func:`decline`, e.g. circular padding) or whose shapes do not fit
+its kind. The report (:func:`ghost_report`, or ``grad_stats(..., return_report=True)``: a
+:class:`GhostReport`) says which path each leaf took, which form each layer took with its estimated cost, and why
+a leaf fell back.
 
 The model must treat examples independently (no batch statistics, e.g. BatchNorm in training mode), as for vmap.
 
@@ -59,29 +60,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adabatch._validation import accumulation_dtype
+from adabatch.stats import _ghost_forms as forms_
 from adabatch.stats._batch import example_loss
-from adabatch.stats._grad_stats import GradStats, _leaf_sums
+from adabatch.stats._ghost_forms import FORMS, Cost, GhostReport, LayerForm, LeafStats
+from adabatch.stats._grad_stats import GradStats, _inner_sums, _leaf_sums
 
 __all__ = [
+    "FORMS",
+    "Cost",
     "GhostPlan",
+    "GhostReport",
+    "LayerForm",
     "capture",
-    "conv",
-    "dense",
-    "embed",
+    "decline",
     "ghost_report",
-    "layer",
     "plan_ghost",
     "register_backend_provider",
     "register_capture_backend",
 ]
 
 KINDS = ("dense", "conv", "embed", "layerwise")
-# A dense layer with a sequence axis keeps its per-example weight gradients (fewest flops: the weight-gradient
-# product itself) when they are at most this many times its per-example activations, else uses the Gram form.
-DIRECT_FACTOR = 4
 _BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
 _PROVIDERS: dict[str, str] = {}  # framework module -> module that registers its backend when imported
 _LOCAL = threading.local()
@@ -119,6 +119,7 @@ class _Call:
     out_dtype: Any
     apply: Callable[[Mapping[str, jax.Array], jax.Array], jax.Array]
     active: bool = True
+    form: str = ""  # set by planning: "gram", "direct", "segment" or "layerwise"
 
 
 class _Recorder:
@@ -127,6 +128,7 @@ class _Recorder:
         self.calls: list[_Call | None] = [] if calls is None else calls
         self.perturbations = list(perturbations)
         self.leaf_index: dict[int, int] = {}
+        self.declined: dict[int, str] = {}  # params leaf index -> why its layer was not captured
         self.inputs: list[jax.Array] = []
         self.position = 0
         self.busy = False
@@ -172,9 +174,10 @@ def capture(
 
     Args:
       kind: ``"dense"`` (config ``(contracted_axes, k_in, k_out)``; roles ``kernel``, ``bias``), ``"conv"``
-        (config ``(kernel_size, strides, padding, input_dilation, kernel_dilation)``, channels last, HWIO
-        kernel), ``"embed"`` (role ``embedding``, ``inputs`` the integer ids) or ``"layerwise"`` (any per-example
-        layer; exact per-example gradients of this layer by a per-example VJP of ``apply``).
+        (config ``(kernel_size, strides, padding, input_dilation, kernel_dilation[, feature_group_count])``,
+        channels last, HWIO kernel of shape ``(*kernel_size, C_in/G, C_out)``), ``"embed"`` (role
+        ``embedding``, ``inputs`` the integer ids) or ``"layerwise"`` (any per-example layer; exact per-example
+        gradients of this layer by a per-example VJP of ``apply``).
       params: the layer's parameters by role, each the very array found in the params pytree.
       inputs: the layer input (per-example under the capture).
       call: computes the layer output as the model normally would.
@@ -213,104 +216,20 @@ def capture(
     return out + recorder.perturbations[len(recorder.inputs) - 1]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Plain-JAX layers that register themselves when a capture is active.
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``x @ kernel + bias`` over the last axis of ``x`` (any leading axes), captured for ghost statistics.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adabatch import ghost
-      >>> ghost.dense(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(4)).shape
-      (2, 4)
-    """
-    params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-
-    def apply(p, inputs):
-        out = jnp.matmul(inputs, p["kernel"])
-        return out + p["bias"] if "bias" in p else out
-
-    config = ((jnp.ndim(x) - 1,), int(kernel.shape[0]), int(kernel.shape[1]))
-    return capture("dense", params, x, call=lambda: apply(params, x), apply=apply, config=config, name="dense")
-
-
-def conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None = None,
-    *,
-    strides: Sequence[int] | None = None,
-    padding: str | Sequence[tuple[int, int]] = "SAME",
-    input_dilation: Sequence[int] | None = None,
-    kernel_dilation: Sequence[int] | None = None,
-) -> jax.Array:
-    """A channels-last convolution ``x[N, *spatial, C_in]`` with an ``HWIO`` kernel (plus ``bias``), captured.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adabatch import ghost
-      >>> ghost.conv(jnp.ones((2, 8, 8, 1)), jnp.ones((3, 3, 1, 4)), strides=(2, 2)).shape
-      (2, 4, 4, 4)
-    """
-    rank = kernel.ndim - 2
-    ones = (1,) * rank
-    pad = padding if isinstance(padding, str) else tuple((lo, hi) for lo, hi in padding)
-    config = (
-        tuple(kernel.shape[:rank]),
-        tuple(strides or ones),
-        pad,
-        tuple(input_dilation or ones),
-        tuple(kernel_dilation or ones),
-    )
-    params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-
-    def apply(p, inputs):
-        spatial = "".join("HWDXYZ"[i] for i in range(rank))
-        numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-        out = jax.lax.conv_general_dilated(
-            inputs, p["kernel"], config[1], pad, config[3], config[4], dimension_numbers=numbers
-        )
-        return out + p["bias"] if "bias" in p else out
-
-    return capture("conv", params, x, call=lambda: apply(params, x), apply=apply, config=config, name="conv")
-
-
-def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows ``table[ids]`` (an embedding lookup), captured for ghost statistics.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adabatch import ghost
-      >>> ghost.embed(jnp.eye(3), jnp.array([[2, 0]])).tolist()
-      [[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]]
-    """
-    params = {"embedding": table}
-
-    def apply(p, inputs):
-        return jnp.take(p["embedding"], inputs, axis=0)
-
-    return capture("embed", params, ids, call=lambda: apply(params, ids), apply=apply, name="embed")
-
-
-def layer(fn: Callable[[Any, jax.Array], jax.Array], params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
-    """``fn(params, x)`` for a small layer that treats examples independently (a LayerNorm scale and bias, a
-    per-channel scale), captured: its per-example gradients are formed for this layer alone (``b`` × its
-    parameters) by a per-example VJP.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adabatch import ghost
-      >>> scale_shift = lambda p, x: x * p["scale"] + p["bias"]
-      >>> ghost.layer(scale_shift, {"scale": jnp.full(2, 2.0), "bias": jnp.ones(2)}, jnp.ones((1, 2))).tolist()
-      [[3.0, 3.0]]
-    """
-    return capture("layerwise", dict(params), x, call=lambda: fn(params, x), apply=fn, name="layer")
+def decline(params: Mapping[str, Any], reason: str, name: str = "") -> None:
+    """Record that a layer a backend recognised cannot be captured (its parameters fall back to vmap), with the
+    reason the report gives (e.g. ``"circular padding"``). A no-op unless a ghost plan is being traced."""
+    recorder = _current()
+    if recorder is None or recorder.busy or recorder.mode != "plan":
+        return
+    for leaf in params.values():
+        index = recorder.leaf_index.get(id(leaf), -1)
+        if index >= 0:
+            recorder.declined[index] = f"{name}: {reason}" if name else reason
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Planning: which leaves the captured layers cover.
+# Planning: which leaves the captured layers cover, and each layer's form.
 
 
 @dataclasses.dataclass
@@ -322,15 +241,29 @@ class GhostPlan:
       paths: ``jax.tree_util.keystr`` path of every params leaf, in flattening order.
       route: per leaf, ``"ghost"`` (captured layers only), ``"vmap"`` (per-example gradients of this leaf) or
         ``"unused"`` (the loss does not depend on it: zero gradient).
+      layers: the form of every captured layer (see :class:`GhostReport`).
+      reasons: per leaf index, why it is not ghost.
     """
 
     calls: list
     paths: list[str]
     route: list[str]
+    layers: list[LayerForm] = dataclasses.field(default_factory=list)
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)
 
-    def report(self) -> dict[str, str]:
-        """Params path → ``"ghost"``, ``"vmap"`` or ``"unused"``."""
-        return dict(zip(self.paths, self.route, strict=True))
+    def report(self) -> GhostReport:
+        """The :class:`GhostReport` of this plan."""
+        forms = dict(zip(self.paths, self.route, strict=True))
+        for layer in self.layers:
+            for path in layer.paths:
+                forms[path] = layer.form
+        for call in self.calls:
+            if call is not None and call.active and call.kind in ("dense", "conv") and "bias" in dict(call.roles):
+                index = dict(call.roles)["bias"]
+                if self.route[index] == "ghost":
+                    forms[self.paths[index]] = "direct"
+        reasons = {self.paths[i]: why for i, why in self.reasons.items()}
+        return GhostReport(dict(zip(self.paths, self.route, strict=True)), self.layers, forms, reasons)
 
     @property
     def covers_any(self) -> bool:
@@ -341,12 +274,82 @@ def _group_key(call: _Call) -> tuple:
     return (call.kind, call.config, call.roles)
 
 
-def plan_ghost(example_loss: Callable, params: Any, example: Any) -> GhostPlan:
-    """Trace ``example_loss(params, example) -> scalar`` once (abstractly) and decide each leaf's route.
+def _check_ghost_form(ghost_form: Any) -> None:
+    if ghost_form is None:
+        return
+    values = [ghost_form] if isinstance(ghost_form, str) else list(dict(ghost_form).values())
+    bad = [v for v in values if v not in FORMS]
+    if bad:
+        raise ValueError(f"ghost_form must be None, one of {FORMS} or a mapping layer name -> form; got {ghost_form!r}")
+
+
+def _plan_forms(plan: GhostPlan, leaf_shapes: list[tuple], sq_sum: bool, inner_sq_sum: bool, ghost_form: Any) -> None:
+    """Choose the form of every active layer group (``plan.layers``); a group whose shapes do not fit falls back to
+    vmap with a reason."""
+    groups: dict[tuple, list[_Call]] = {}
+    for call in plan.calls:
+        if call is not None and call.active:
+            groups.setdefault(_group_key(call), []).append(call)
+    names: dict[str, int] = {}
+    named = []
+    for calls in groups.values():
+        base = calls[0].name or calls[0].kind
+        names[base] = names.get(base, 0) + 1
+        named.append((base if names[base] == 1 else f"{base}#{names[base] - 1}", calls))
+    forced: dict[str, str] = {}
+    if isinstance(ghost_form, str):
+        forced = {name: ghost_form for name, calls in named if calls[0].kind != "layerwise"}
+    elif ghost_form is not None:
+        forced = dict(ghost_form)
+        unknown = sorted(set(forced) - {name for name, _ in named})
+        if unknown:
+            raise ValueError(
+                f"ghost_form names layers {unknown} that the model does not have; its captured layers are "
+                f"{[name for name, _ in named]}"
+            )
+    for name, calls in named:
+        indices = [index for _, index in calls[0].roles if plan.route[index] == "ghost"]
+        paths = tuple(plan.paths[i] for i in indices)
+        kind = calls[0].kind
+        if kind == "layerwise":
+            if name in forced:
+                raise ValueError(f"ghost_form: layer {name!r} is layerwise (a per-example VJP); it has no other form")
+            for call in calls:
+                call.form = "layerwise"
+            plan.layers.append(LayerForm(name, kind, "layerwise", paths, None, {}, "per-example VJP of the layer"))
+            continue
+        try:
+            geometry = forms_.geometry(calls, leaf_shapes)
+        except (ValueError, TypeError, jax.errors.ConcretizationTypeError) as error:  # symbolic or unfit shapes
+            for index in indices:
+                plan.route[index] = "vmap"
+                plan.reasons[index] = f"{name}: form cannot be determined ({error})"
+            for call in calls:
+                call.active = False
+            continue
+        form, costs, reason = forms_.choose_form(name, geometry, sq_sum, inner_sq_sum, forced.get(name))
+        for call in calls:
+            call.form = form
+        plan.layers.append(LayerForm(name, kind, form, paths, geometry, costs, reason))
+
+
+def plan_ghost(
+    example_loss: Callable,
+    params: Any,
+    example: Any,
+    *,
+    sq_sum: bool = False,
+    inner_sq_sum: bool = False,
+    ghost_form: str | Mapping[str, str] | None = None,
+) -> GhostPlan:
+    """Trace ``example_loss(params, example) -> scalar`` once (abstractly), decide each leaf's route and each
+    layer's form for the statistics asked for (``ghost_form`` forces one: a form for every layer it applies to,
+    or a mapping layer name → form).
 
     A leaf goes the ghost way when captured calls of one layer (same kind, configuration and leaves) are its only
     uses; the trace's jaxpr shows any other use, since captured layers run on stand-in parameters while planning.
     """
+    _check_ghost_form(ghost_form)
     path_leaves = jax.tree_util.tree_leaves_with_path(params)
     paths = [jax.tree_util.keystr(path) for path, _ in path_leaves]
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -366,128 +369,69 @@ def plan_ghost(example_loss: Callable, params: Any, example: Any) -> GhostPlan:
         if call is not None:
             for _, index in call.roles:
                 groups.setdefault(index, set()).add(_group_key(call))
-    route = []
+    route: list[str] = []
+    reasons: dict[int, str] = {}
     for i, var in enumerate(closed.jaxpr.invars[: len(leaves)]):
-        if id(var) not in used and len(groups.get(i, ())) == 1:
+        layers = len(groups.get(i, ()))
+        if id(var) not in used and layers == 1:
             route.append("ghost")
+            continue
+        route.append("vmap" if id(var) in used or i in groups else "unused")
+        if i in recorder.declined:
+            reasons[i] = recorder.declined[i]
+        elif route[-1] == "unused":
+            reasons[i] = "the loss does not depend on it"
+        elif layers > 1:
+            reasons[i] = f"read by {layers} different captured layers"
+        elif layers == 1:
+            reasons[i] = "also used outside its captured layer"
         else:
-            route.append("vmap" if id(var) in used or i in groups else "unused")
+            reasons[i] = "not read by a captured layer"
     for call in recorder.calls:
         if call is not None:
             call.active = any(route[index] == "ghost" for _, index in call.roles)
-    return GhostPlan(recorder.calls, paths, route)
+    plan = GhostPlan(recorder.calls, paths, route, reasons=reasons)
+    _plan_forms(plan, [tuple(jnp.shape(x)) for x in leaves], sq_sum, inner_sq_sum, ghost_form)
+    return plan
 
 
-def ghost_report(loss_fn: Callable, params: Any, batch: Any) -> dict[str, str]:
-    """Which path each parameter leaf takes under ``grad_stats(..., method="ghost")``.
+def ghost_report(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    sq_sum: bool = False,
+    inner_sq_sum: bool = False,
+    ghost_form: str | Mapping[str, str] | None = None,
+) -> GhostReport:
+    """Which path each parameter leaf takes under ``grad_stats(..., method="ghost")`` with these statistics, and
+    which form each captured layer takes (a :class:`GhostReport`).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from adabatch import ghost
       >>> def loss_fn(p, x):
       ...     return jnp.sum(ghost.dense(x, p["w"]) * p["v"], axis=-1)
-      >>> ghost.ghost_report(loss_fn, {"w": jnp.ones((3, 2)), "v": jnp.ones(2)}, jnp.ones((4, 3)))
+      >>> report = ghost.ghost_report(loss_fn, {"w": jnp.ones((3, 2)), "v": jnp.ones(2)}, jnp.ones((4, 3)))
+      >>> report
       {"['v']": 'vmap', "['w']": 'ghost'}
+      >>> [(layer.name, layer.form, layer.costs["gram"]) for layer in report.layers]
+      [('dense', 'gram', Cost(flops=10, memory=0))]
     """
     example = jax.tree_util.tree_map(lambda x: x[0], batch)
-    return plan_ghost(example_loss(loss_fn), params, example).report()
+    plan = plan_ghost(
+        example_loss(loss_fn), params, example, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum, ghost_form=ghost_form
+    )
+    return plan.report()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pass and the per-layer identities.
+# The pass
 
 
-@dataclasses.dataclass
-class _LeafStats:
-    s1: jax.Array  # leaf-shaped Σ_i w_i g_i
-    sq: jax.Array  # (b,) w_i ‖g_i‖²
-    s2: jax.Array | None  # leaf-shaped Σ_i w_i g_i ⊙ g_i
-    per_example: jax.Array | None = None  # (b, *leaf) when materialised (layerwise / fallback / direct)
-    rows: tuple | None = None  # (A, Δ) for the T == 1 or Gram inner products
-
-
-def _rows(x: jax.Array, delta: jax.Array, axes: tuple[int, ...], k_in: int, k_out: int, dtype) -> tuple:
-    b = x.shape[0]
-    moved = jnp.moveaxis(x, [a + 1 for a in axes], list(range(x.ndim - len(axes), x.ndim)))
-    return moved.reshape(b, -1, k_in).astype(dtype), delta.reshape(b, -1, k_out).astype(dtype)
-
-
-def _patches(x: jax.Array, config: tuple, dtype) -> jax.Array:
-    kernel_size, strides, padding, input_dilation, kernel_dilation = config
-    rank = len(kernel_size)
-    b, channels = x.shape[0], x.shape[-1]
-    flat = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :]).astype(dtype)
-    spatial = "".join("HWDXYZ"[i] for i in range(rank))
-    patches = jax.lax.conv_general_dilated_patches(
-        flat,
-        kernel_size,
-        strides,
-        padding,
-        input_dilation,
-        kernel_dilation,
-        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
-    )
-    # features come out as (C_in, *kernel_size); HWIO kernels flatten as (*kernel_size, C_in)
-    patches = patches.reshape(patches.shape[:-1] + (channels, int(np.prod(kernel_size))))
-    patches = jnp.swapaxes(patches, -1, -2)
-    return patches.reshape(b, -1, int(np.prod(kernel_size)) * channels)
-
-
-def _linear_stats(a: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool) -> _LeafStats:
-    """Statistics of the kernel gradients g_i = A_iᵀΔ_i (A: (b, T, k_in), Δ: (b, T, k_out))."""
-    t, k_in, k_out = a.shape[1], a.shape[2], d.shape[2]
-    if t == 1:
-        a1, d1 = a[:, 0], d[:, 0]
-        s1 = a1.T @ d1
-        sq = jnp.sum(jnp.square(a1), 1) * jnp.sum(jnp.square(d1), 1)
-        s2 = jnp.square(a1).T @ jnp.square(d1) if sq_sum else None
-        return _LeafStats(s1.reshape(shape), sq, None if s2 is None else s2.reshape(shape), rows=(a, d))
-    if sq_sum or k_in * k_out <= DIRECT_FACTOR * t * (k_in + k_out) or t * t >= k_in * k_out:
-        # direct: the weight-gradient product, kept per example (its sum over examples is the mean's numerator)
-        g = jnp.einsum("bti,bto->bio", a, d)
-        s2 = jnp.sum(jnp.square(g), 0).reshape(shape) if sq_sum else None
-        return _LeafStats(jnp.sum(g, 0).reshape(shape), jnp.sum(jnp.square(g), (1, 2)), s2, per_example=g)
-    gram = jnp.einsum("bti,bsi->bts", a, a) * jnp.einsum("bto,bso->bts", d, d)
-    return _LeafStats(jnp.einsum("bti,bto->io", a, d).reshape(shape), jnp.sum(gram, (1, 2)), None, rows=(a, d))
-
-
-def _materialised(g: jax.Array, sq_sum: bool) -> _LeafStats:
-    flat = g.reshape(g.shape[0], -1)
-    s2 = jnp.sum(jnp.square(g), 0) if sq_sum else None
-    return _LeafStats(jnp.sum(g, 0), jnp.sum(jnp.square(flat), 1), s2, per_example=g)
-
-
-def _embed_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool) -> _LeafStats:
-    b, vocab, features = d.shape[0], shape[0], shape[1]
-    ids = ids.reshape(b, -1)
-    d = d.reshape(b, -1, features)
-    t = ids.shape[1]
-    s1 = jnp.zeros(shape, d.dtype).at[ids.reshape(-1)].add(d.reshape(-1, features))
-    if sq_sum or vocab <= DIRECT_FACTOR * t or t * t >= vocab * features:
-        g = jnp.zeros((b, vocab, features), d.dtype).at[jnp.arange(b)[:, None], ids].add(d)
-        return _materialised(g, sq_sum)
-    same = (ids[:, :, None] == ids[:, None, :]).astype(d.dtype)
-    sq = jnp.sum(same * jnp.einsum("btf,bsf->bts", d, d), (1, 2))
-    return _LeafStats(s1, sq, None, rows=(ids, d))
-
-
-def _inner(kind: str, stats: _LeafStats, mean: jax.Array) -> jax.Array:
-    """⟨g_i, mean⟩ for every example (``mean`` leaf-shaped)."""
-    if stats.per_example is not None:
-        g = stats.per_example
-        return jnp.sum(g.reshape(g.shape[0], -1) * mean.reshape(1, -1), 1)
-    assert stats.rows is not None  # set whenever the per-example gradients are not materialised
-    a, d = stats.rows
-    if kind == "embed":
-        return jnp.sum(jnp.take(mean, a, axis=0) * d, (1, 2))
-    return jnp.einsum("bti,io,bto->b", a, mean.reshape(a.shape[2], d.shape[2]), d)
-
-
-def _group_stats(
-    calls: list[_Call], xs: list, deltas: list, leaves: list, weigh: Callable, dtype, sq_sum: bool
-) -> dict:
-    """Per leaf index: (kind, _LeafStats) for one layer's captured calls (all of one group), weighted by the
-    examples' 0/1 weights through ``weigh``."""
+def _group_stats(calls: list[_Call], xs: list, deltas: list, leaves: list, weigh: Callable, dtype, sq_sum: bool):
+    """Per leaf index: :class:`LeafStats` of one layer's captured calls (all of one group, one form), weighted
+    by the examples' 0/1 weights through ``weigh``."""
     first = calls[0]
     roles = dict(first.roles)
     if first.kind == "layerwise":
@@ -501,31 +445,25 @@ def _group_stats(
 
             g = jax.vmap(one)(x, delta)
             total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
-        return {index: ("layerwise", _materialised(weigh(total[role]), sq_sum)) for role, index in roles.items()}
+        return {index: forms_.materialised(weigh(total[role]), sq_sum) for role, index in roles.items()}
     deltas = [weigh(dl) for dl in deltas]
     if first.kind == "embed":
         ids = jnp.concatenate([x.reshape(x.shape[0], -1) for x in xs], 1)
         d = jnp.concatenate([dl.reshape(dl.shape[0], -1, dl.shape[-1]).astype(dtype) for dl in deltas], 1)
         index = roles["embedding"]
-        return {index: ("embed", _embed_stats(ids, d, jnp.shape(leaves[index]), sq_sum))}
-    kernel_shape = jnp.shape(leaves[roles["kernel"]])
+        return {index: forms_.embed_stats(first.form, ids, d, jnp.shape(leaves[index]), sq_sum)}
     if first.kind == "conv":
-        k_in, k_out = int(np.prod(kernel_shape[:-1])), int(kernel_shape[-1])
-        pairs = [
-            (_patches(x, first.config, dtype), dl.reshape(dl.shape[0], -1, k_out))
-            for x, dl in zip(xs, deltas, strict=True)
-        ]
+        groups = int(first.config[5]) if len(first.config) > 5 else 1
+        pairs = [forms_.conv_rows(x, dl, first.config, groups, dtype) for x, dl in zip(xs, deltas, strict=True)]
     else:
         axes, k_in, k_out = first.config
-        pairs = [_rows(x, dl, axes, k_in, k_out, dtype) for x, dl in zip(xs, deltas, strict=True)]
-    a = jnp.concatenate([p[0] for p in pairs], 1).astype(dtype)
-    d = jnp.concatenate([p[1] for p in pairs], 1).astype(dtype)
-    out = {roles["kernel"]: (first.kind, _linear_stats(a, d, kernel_shape, sq_sum))}
+        pairs = [forms_.dense_rows(x, dl, axes, k_in, k_out, dtype) for x, dl in zip(xs, deltas, strict=True)]
+    a = jnp.concatenate([p[0] for p in pairs], 1)
+    d = jnp.concatenate([p[1] for p in pairs], 1)
+    out = {roles["kernel"]: forms_.linear_stats(first.form, a, d, jnp.shape(leaves[roles["kernel"]]), sq_sum)}
     if "bias" in roles:
-        out[roles["bias"]] = (
-            "bias",
-            _materialised(jnp.sum(d, 1).reshape((-1,) + jnp.shape(leaves[roles["bias"]])), sq_sum),
-        )
+        bias_shape = jnp.shape(leaves[roles["bias"]])
+        out[roles["bias"]] = forms_.materialised(jnp.sum(d, 1).reshape((-1,) + bias_shape), sq_sum)
     return out
 
 
@@ -541,7 +479,9 @@ def ghost_stats(
     leaf_sq_norm_sum: bool = False,
 ) -> tuple[GradStats, jax.Array]:
     """One ghost pass over ``batch`` (leading axis = examples) with 0/1 example ``weights``; ``leaf_sq_norm_sum``
-    keeps the per-leaf :math:`q_l` that :math:`q` sums (no extra work).
+    keeps the per-leaf :math:`q_l` that :math:`q` sums (no extra work). With ``inner_sq_sum`` the per-example
+    :math:`a_i=\\langle g_i,\\bar g\\rangle` give both :math:`\\sum_i a_i^2` and the cancellation-free
+    :math:`\\sum_i(a_i-\\lVert\\bar g\\rVert^2)^2`.
 
     Returns:
       ``(GradStats, per-example losses)``.
@@ -577,9 +517,9 @@ def ghost_stats(
     def weigh(x):
         return x.astype(dtype) * w.reshape((-1,) + (1,) * (x.ndim - 1))
 
-    per_leaf: dict[int, tuple] = {}
+    per_leaf: dict[int, LeafStats] = {}
     for i, g in zip(fallback, fallback_grads, strict=True):
-        per_leaf[i] = ("vmap", _materialised(weigh(g), sq_sum))
+        per_leaf[i] = forms_.materialised(weigh(g), sq_sum)
     groups: dict[tuple, list[int]] = {}
     for n, call in enumerate(active):
         groups.setdefault(_group_key(call), []).append(n)
@@ -588,35 +528,36 @@ def ghost_stats(
         result = _group_stats(
             calls, [inputs[n] for n in members], [deltas[n] for n in members], leaves, weigh, dtype, sq_sum
         )
-        for index, (kind, st) in result.items():
+        for index, st in result.items():
             if plan.route[index] == "ghost":
-                per_leaf[index] = (kind, st)
+                per_leaf[index] = st
 
-    zeros = jnp.zeros(jnp.shape(weights), dtype)
     means: list[jax.Array] = []
     s2s: list[jax.Array | None] = []
     qs: list[jax.Array] = []
-    a = zeros
     for i, leaf in enumerate(leaves):
         if i not in per_leaf:  # unused: zero gradient
             means.append(jnp.zeros(jnp.shape(leaf), dtype))
             s2s.append(jnp.zeros(jnp.shape(leaf), dtype))
             qs.append(jnp.zeros((), dtype))
             continue
-        kind, st = per_leaf[i]
-        mean = (st.s1 / safe_count).reshape(jnp.shape(leaf))
-        means.append(mean)
+        st = per_leaf[i]
+        means.append((st.s1 / safe_count).reshape(jnp.shape(leaf)))
         s2s.append(None if st.s2 is None else st.s2.reshape(jnp.shape(leaf)))
         qs.append(jnp.sum(st.sq))
-        if inner_sq_sum:
-            a = a + _inner(kind, st, mean)
+    mean = jax.tree_util.tree_unflatten(treedef, means)
+    inner = dev = None
+    if inner_sq_sum:
+        a = sum((per_leaf[i].inner(means[i]) for i in per_leaf), start=jnp.zeros(jnp.shape(weights), dtype))
+        inner, dev = _inner_sums(a, w, mean)
     q, leaf_q = _leaf_sums(jax.tree_util.tree_unflatten(treedef, qs))
     stats = GradStats(
         count=count.astype(jnp.int32),
-        mean=jax.tree_util.tree_unflatten(treedef, means),
+        mean=mean,
         sq_norm_sum=q,
         sq_sum=jax.tree_util.tree_unflatten(treedef, s2s) if sq_sum else None,
-        inner_sq_sum=jnp.sum(jnp.square(a)) if inner_sq_sum else None,
+        inner_sq_sum=inner,
         leaf_sq_norm_sum=leaf_q if leaf_sq_norm_sum else None,
+        inner_dev_sq_sum=dev,
     )
     return stats, losses

@@ -8,12 +8,18 @@ example's loss, not divided by :math:`n`) a :class:`GradStats` holds
 * ``sq_norm_sum`` :math:`q = \sum_i \lVert g_i \rVert^2` (scalar, over the **whole** parameter vector),
 * ``sq_sum`` :math:`S_2 = \sum_i g_i \odot g_i` (params-shaped, optional: coordinate-wise tests),
 * ``inner_sq_sum`` :math:`\sum_i \langle g_i, \bar g\rangle^2` (scalar, optional: inner-product tests),
+* ``inner_dev_sq_sum`` :math:`\sum_i (\langle g_i, \bar g\rangle - \lVert\bar g\rVert^2)^2` (scalar, optional:
+  set with ``inner_sq_sum`` by every producer that has the per-example :math:`\langle g_i,\bar g\rangle`; the
+  variance of the inner products from squared deviations, free of the cancellation of
+  :math:`\sum_i a_i^2 - n\lVert\bar g\rVert^4`),
 * ``leaf_sq_norm_sum`` :math:`q_l = \sum_i \lVert g_{i,l}\rVert^2`, one scalar per parameter leaf :math:`l` (a pytree
   of the params' structure with scalar leaves, optional: layer-wise methods such as CLARS); :math:`\sum_l q_l = q`.
 
-Every field but ``inner_sq_sum`` is a sum (``mean`` is ``S_1/n`` with ``S_1`` a sum), so the statistics of two
-disjoint groups of examples (micro-batches, devices) :func:`merge` exactly. ``inner_sq_sum`` depends on the mean of
-the *whole* batch and cannot be merged: :func:`merge` drops it (see its docstring).
+Every field but ``inner_sq_sum`` and ``inner_dev_sq_sum`` is a sum (``mean`` is ``S_1/n`` with ``S_1`` a sum), so the
+statistics of two disjoint groups of examples (micro-batches, devices) :func:`merge` exactly. The two inner-product
+fields depend on the mean of the *whole* batch and cannot be merged: :func:`merge` drops them (see its docstring);
+a second pass against the merged mean sums both chunk by chunk (their centre :math:`\lVert\bar g\rVert^2` is
+known by then, so the squared deviations add up like the other sums).
 
 Everything is accumulated in float32, or float64 when the gradients are float64, whatever the gradient dtype
 (bf16 gradients are summed in float32).
@@ -27,7 +33,7 @@ Kolar 2024; McCandlish et al. 2018):
 :func:`unbiased_grad_sq_norm`   ‖∇F‖² estimate = ‖ḡ‖² − trΣ̂/n  (unbiased; may be negative)
 :func:`b_simple`                B_simple = trΣ̂ / (unbiased ‖∇F‖²)
 :func:`coordinate_variance`     s²_j = (S2_j − n ḡ_j²)/(n−1)
-:func:`inner_product_variance`  Var̂(a) = (Σ a_i² − n‖ḡ‖⁴)/(n−1),  a_i = ⟨g_i, ḡ⟩
+:func:`inner_product_variance`  Var̂(a) = Σ (a_i − ‖ḡ‖²)²/(n−1),  a_i = ⟨g_i, ḡ⟩  (or (Σ a_i² − n‖ḡ‖⁴)/(n−1))
 :func:`orthogonal_variance`     V_⊥ = (q − Σ a_i²/‖ḡ‖²)/(n−1)
 :func:`leaf_norm_ratio`         ρ_l = ‖ḡ_l‖² / (q_l/n) per parameter leaf l
 ==============================  ==========================================================
@@ -76,6 +82,7 @@ class GradStats(NamedTuple):
     sq_sum: Any = None  # params-shaped float32, or None: S2 = Σ_i g_i ⊙ g_i
     inner_sq_sum: jax.Array | None = None  # float32[], or None: Σ_i ⟨g_i, ḡ⟩²
     leaf_sq_norm_sum: Any = None  # params-structured tree of float32[] scalars, or None: q_l = Σ_i ‖g_{i,l}‖² per leaf
+    inner_dev_sq_sum: jax.Array | None = None  # float32[], or None: Σ_i (⟨g_i, ḡ⟩ − ‖ḡ‖²)²
 
 
 def _tree_sum(tree: Any) -> jax.Array:
@@ -148,10 +155,10 @@ def from_per_example(
     safe_count = jnp.maximum(count, 1)
     mean = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0) / safe_count, g)
     per_leaf = _leaf_sums(jax.tree_util.tree_map(lambda x: jnp.sum(jnp.square(x)), g))
-    inner = None
+    inner = dev = None
     if inner_sq_sum:
         a = _tree_sum_rows(jax.tree_util.tree_map(lambda x, m: x * m, g, mean))
-        inner = jnp.sum(jnp.square(a))
+        inner, dev = _inner_sums(a, weight, mean)
     return GradStats(
         count=count.astype(jnp.int32),
         mean=mean,
@@ -159,7 +166,18 @@ def from_per_example(
         sq_sum=jax.tree_util.tree_map(lambda x: jnp.sum(jnp.square(x), axis=0), g) if sq_sum else None,
         inner_sq_sum=inner,
         leaf_sq_norm_sum=per_leaf[1] if leaf_sq_norm_sum else None,
+        inner_dev_sq_sum=dev,
     )
+
+
+def _inner_sums(a: jax.Array, weights: jax.Array, mean: Any) -> tuple[jax.Array, jax.Array]:
+    r"""``(Σ_i w_i a_i², Σ_i w_i (a_i − ‖ḡ‖²)²)`` from the per-example inner products :math:`a_i=\langle g_i,\bar
+    g\rangle` (the one place both inner-product fields are formed; the centre :math:`\lVert\bar g\rVert^2` is the
+    exact mean of the :math:`a_i`, so the second sum is the two-pass sum of squared deviations)."""
+    dtype = jnp.result_type(a)
+    w = jnp.asarray(weights).astype(dtype)
+    centre = _tree_sq_norm(mean).astype(dtype)
+    return jnp.sum(w * jnp.square(a)), jnp.sum(w * jnp.square(a - centre))
 
 
 def _leaf_sums(per_leaf: Any) -> tuple[jax.Array, Any]:
@@ -179,10 +197,10 @@ def merge(a: GradStats, b: GradStats) -> GradStats:
 
     :math:`n = n_a + n_b`, :math:`\bar g = (n_a\bar g_a + n_b\bar g_b)/n`, :math:`q = q_a + q_b`,
     :math:`S_2 = S_{2,a} + S_{2,b}` and :math:`q_l = q_{l,a} + q_{l,b}` (each None unless both groups have it).
-    ``inner_sq_sum`` of the union needs
-    :math:`\langle g_i, \bar g\rangle` against the *merged* mean, which the groups' statistics do not determine,
-    so the result has ``inner_sq_sum=None``; compute it with a second pass over the examples (for instance
-    :func:`adabatch.grad_stats` with ``inner_sq_sum=True``, which uses one forward-mode pass).
+    ``inner_sq_sum`` of the union needs :math:`\langle g_i, \bar g\rangle` against the *merged* mean, which the
+    groups' statistics do not determine, so the result has ``inner_sq_sum=None`` and ``inner_dev_sq_sum=None``;
+    compute them with a second pass over the examples (for instance :func:`adabatch.grad_stats` with
+    ``inner_sq_sum=True``, which uses one forward-mode pass).
 
     Example:
       >>> import jax.numpy as jnp
@@ -300,14 +318,26 @@ def coordinate_variance(stats: GradStats) -> Any:
 
 
 def inner_product_variance(stats: GradStats) -> jax.Array:
-    r"""Sample variance of :math:`a_i = \langle g_i,\bar g\rangle`:
-    :math:`(\sum_i a_i^2 - n\lVert\bar g\rVert^4)/(n-1)` (the mean of the :math:`a_i` is
-    :math:`\lVert\bar g\rVert^2`). Needs ``stats.inner_sq_sum``."""
+    r"""Sample variance of :math:`a_i = \langle g_i,\bar g\rangle` (whose mean is :math:`\lVert\bar g\rVert^2`):
+    :math:`\sum_i(a_i-\lVert\bar g\rVert^2)^2/(n-1)` from ``stats.inner_dev_sq_sum`` when present (no
+    cancellation), else :math:`(\sum_i a_i^2 - n\lVert\bar g\rVert^4)/(n-1)` from ``stats.inner_sq_sum`` (a
+    difference of two large numbers when the mean dominates: float32 loses about
+    :math:`\varepsilon_{32}\,n\lVert\bar g\rVert^4/\sum_i(a_i-\lVert\bar g\rVert^2)^2` of relative precision).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adabatch.stats import from_per_example, inner_product_variance
+      >>> s = from_per_example({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, inner_sq_sum=True)
+      >>> float(inner_product_variance(s)), float(inner_product_variance(s._replace(inner_dev_sq_sum=None)))
+      (18.0, 18.0)
+    """
+    n = _n(stats)
+    if stats.inner_dev_sq_sum is not None:
+        return _unbiased(stats.inner_dev_sq_sum, n)
     if stats.inner_sq_sum is None:
         raise ValueError(
             "inner_product_variance needs GradStats.inner_sq_sum; compute the statistics with inner_sq_sum=True"
         )
-    n = _n(stats)
     return _unbiased(stats.inner_sq_sum - n * jnp.square(mean_sq_norm(stats)), n)
 
 
@@ -317,13 +347,22 @@ def orthogonal_variance(stats: GradStats) -> jax.Array:
     = (q - \sum_i a_i^2/\lVert\bar g\rVert^2)/(n-1)`.
 
     For :math:`\bar g = 0` every :math:`a_i` is zero and the projection is taken as zero:
-    :math:`V_\perp = q/(n-1)`. Needs ``stats.inner_sq_sum``.
+    :math:`V_\perp = q/(n-1)`. With ``stats.inner_dev_sq_sum`` the numerator is formed as
+    :math:`(q - n\lVert\bar g\rVert^2) - \sum_i(a_i-\lVert\bar g\rVert^2)^2/\lVert\bar g\rVert^2` (equal in exact
+    arithmetic, since :math:`\sum_i a_i = n\lVert\bar g\rVert^2`), with no cancellation beyond that of
+    :func:`trace_covariance`. Needs ``stats.inner_sq_sum``.
     """
-    if stats.inner_sq_sum is None:
+    if stats.inner_sq_sum is None and stats.inner_dev_sq_sum is None:
         raise ValueError(
             "orthogonal_variance needs GradStats.inner_sq_sum; compute the statistics with inner_sq_sum=True"
         )
     n = _n(stats)
     g2 = mean_sq_norm(stats)
-    projected = jnp.where(g2 > 0, stats.inner_sq_sum / jnp.where(g2 > 0, g2, 1), 0)
+    positive = g2 > 0
+    safe = jnp.where(positive, g2, 1)
+    if stats.inner_dev_sq_sum is not None:
+        numerator = stats.sq_norm_sum - n * g2 - jnp.where(positive, stats.inner_dev_sq_sum / safe, 0)
+        return _unbiased(numerator, n)
+    inner_sq_sum: jax.Array = stats.inner_sq_sum  # type: ignore[assignment]  # not None: checked above
+    projected = jnp.where(positive, inner_sq_sum / safe, 0)
     return _unbiased(stats.sq_norm_sum - projected, n)

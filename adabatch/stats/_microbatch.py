@@ -21,8 +21,9 @@ The result is a :class:`~adabatch.stats.GradStats` whose ``sq_norm_sum`` is the 
 :math:`\hat q = n\lVert\bar g\rVert^2 + (n-1)\widehat{\operatorname{tr}\Sigma}_k` (:math:`\mathbb E\hat q =
 \mathbb E\sum_i\lVert g_i\rVert^2`), so every estimator of :mod:`adabatch.stats` returns the group-based
 value: ``trace_covariance`` gives :math:`\widehat{\operatorname{tr}\Sigma}_k` and ``unbiased_grad_sq_norm`` the
-estimate above. ``sq_sum`` is built the same way coordinate by coordinate and ``inner_sq_sum`` from
-:math:`a_m=\langle\bar g_m,\bar g\rangle`. With groups of one example everything equals the per-example value.
+estimate above. ``sq_sum`` is built the same way coordinate by coordinate and ``inner_sq_sum`` (with
+``inner_dev_sq_sum``) from the squared deviations of :math:`a_m=\langle\bar g_m,\bar g\rangle` from their
+weighted mean :math:`\lVert\bar g\rVert^2`. With groups of one example everything equals the per-example value.
 
 **Variance.** For Gaussian gradients :math:`\operatorname{Var}\widehat{\operatorname{tr}\Sigma}_k =
 2\operatorname{tr}(\Sigma^2)/(k-1)` against :math:`2\operatorname{tr}(\Sigma^2)/(n-1)` from per-example
@@ -81,13 +82,17 @@ def _from_sums(n, mean, between, groups, s2_between=None, inner_between=None) ->
         sq_sum = jax.tree_util.tree_map(
             lambda m, s: n_f * jnp.square(m) + (n_f - 1) * _unbiased(s, k), mean, s2_between
         )
-    inner = None if inner_between is None else n_f * jnp.square(g2) + (n_f - 1) * _unbiased(inner_between, k)
+    inner = dev = None
+    if inner_between is not None:
+        dev = (n_f - 1) * _unbiased(inner_between, k)
+        inner = n_f * jnp.square(g2) + dev
     return GradStats(
         count=jnp.asarray(n, jnp.int32),
         mean=mean,
         sq_norm_sum=n_f * g2 + (n_f - 1) * _unbiased(between, k),
         sq_sum=sq_sum,
         inner_sq_sum=inner,
+        inner_dev_sq_sum=dev,
     )
 
 
@@ -146,7 +151,7 @@ def from_group_means(means: Any, counts: jax.Array, *, sq_sum: bool = False, inn
             jnp.sum((x * m).reshape(k, -1), 1)
             for x, m in zip(jax.tree_util.tree_leaves(means), jax.tree_util.tree_leaves(mean), strict=True)
         )
-        inner_between = jnp.dot(c, jnp.square(a)) - n * jnp.square(_tree_sq_norm(mean))
+        inner_between = jnp.dot(c, jnp.square(a - _tree_sq_norm(mean)))  # squared deviations: no cancellation
     return _from_sums(n, mean, between, jnp.sum(c > 0), s2_between, inner_between)
 
 
@@ -197,7 +202,7 @@ def device_grad_stats(
     if inner_sq_sum:
         pairs = zip(jax.tree_util.tree_leaves(local), jax.tree_util.tree_leaves(mean), strict=True)
         a = sum(jnp.sum(x * m) for x, m in pairs)
-        inner_between = jax.lax.psum(c * jnp.square(a), axis_name) - n * jnp.square(_tree_sq_norm(mean))
+        inner_between = jax.lax.psum(c * jnp.square(a - _tree_sq_norm(mean)), axis_name)
     return _from_sums(n, mean, between, groups, s2_between, inner_between)
 
 

@@ -15,7 +15,7 @@ vector gives all :math:`b` of them (:func:`inner_products`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from adabatch._validation import accumulation_dtype, check_choice, check_floating_tree, check_positive_int
 from adabatch.stats._batch import example_loss, leading_size
 from adabatch.stats._chunks import split_batch
-from adabatch.stats._ghost import ghost_stats, plan_ghost
-from adabatch.stats._grad_stats import GradStats, from_per_example
+from adabatch.stats._ghost import GhostReport, _check_ghost_form, ghost_stats, plan_ghost
+from adabatch.stats._grad_stats import GradStats, _inner_sums, from_per_example
 from adabatch.stats._microbatch import DEFAULT_MICROBATCHES, microbatch_grad_stats
 
 __all__ = ["grad_stats", "inner_products", "per_example_grads"]
@@ -119,11 +119,19 @@ def _chunked(
     init = (zeros, jnp.zeros((), acc), zeros if sq_sum else None, leaf_zeros, jnp.zeros((), jnp.int32))
     (s1, q, s2, leaf_q, count), losses = jax.lax.scan(body, init, (chunked, weights))
     mean = jax.tree_util.tree_map(lambda x: x / jnp.maximum(count, 1).astype(acc), s1)
-    inner = None
+    inner = dev = None
     if inner_sq_sum:
         a = jax.lax.map(lambda xs: inner_products(loss_fn, params, xs, mean), chunked).reshape(padded)
-        inner = jnp.sum(jnp.square(a.astype(acc)) * weights.reshape(padded).astype(acc))
-    stats = GradStats(count=count, mean=mean, sq_norm_sum=q, sq_sum=s2, inner_sq_sum=inner, leaf_sq_norm_sum=leaf_q)
+        inner, dev = _inner_sums(a.astype(acc), weights.reshape(padded), mean)
+    stats = GradStats(
+        count=count,
+        mean=mean,
+        sq_norm_sum=q,
+        sq_sum=s2,
+        inner_sq_sum=inner,
+        leaf_sq_norm_sum=leaf_q,
+        inner_dev_sq_sum=dev,
+    )
     return stats, losses.reshape(padded)[:b]
 
 
@@ -141,6 +149,7 @@ def grad_stats(
     return_losses: bool = False,
     num_microbatches: int | None = None,
     return_report: bool = False,
+    ghost_form: str | Mapping[str, str] | None = None,
 ) -> GradStats | tuple:
     r""":class:`~adabatch.stats.GradStats` of a batch from a per-example loss function.
 
@@ -168,15 +177,23 @@ def grad_stats(
         ``chunk_size`` × parameters, resp. activations); a last partial chunk is padded and masked out.
       mask: optional ``(b,)`` weights in {0, 1}: examples with weight 0 (padding) are ignored and not counted.
       sq_sum: also accumulate :math:`S_2=\sum_i g_i\odot g_i` (coordinate-wise tests).
-      inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests).
+      inner_sq_sum: also compute :math:`\sum_i\langle g_i,\bar g\rangle^2` (inner-product tests), and, where the
+        method has the per-example :math:`a_i=\langle g_i,\bar g\rangle`, the squared deviations
+        :math:`\sum_i(a_i-\lVert\bar g\rVert^2)^2` (``inner_dev_sq_sum``: the variance without cancellation).
       leaf_sq_norm_sum: also keep :math:`q_l=\sum_i\lVert g_{i,l}\rVert^2` for every parameter leaf :math:`l`
         (layer-wise methods such as CLARS); exact with ``"vmap"`` and ``"ghost"``, at no extra cost. Not available
         with ``"microbatch"`` (a ``ValueError``): group means give no per-example norms.
       return_losses: also return the ``(b,)`` per-example losses.
       num_microbatches: number of groups :math:`k\ge 2` for ``"microbatch"`` (default
         ``min(8, b)``); ignored by the other methods.
-      return_report: also return a dict mapping every params leaf path to the way its statistics were obtained
-        (``"ghost"``, ``"vmap"``, ``"unused"`` or ``"microbatch"``).
+      return_report: also return a :class:`~adabatch.stats.ghost.GhostReport`: a dict mapping every params leaf
+        path to the way its statistics were obtained (``"ghost"``, ``"vmap"``, ``"unused"`` or ``"microbatch"``),
+        with ``.layers`` (each captured layer's form and estimated costs), ``.forms`` (each leaf's form) and
+        ``.reasons`` (why a leaf is not ghost).
+      ghost_form: ``"ghost"``/``"auto"`` only: force the form of the captured layers, ``"gram"``, ``"direct"`` or
+        ``"segment"`` for every dense/conv/embedding layer, or a mapping layer name (as in the report) → form; a
+        form that does not apply to a layer (``"segment"`` on a dense layer, ``"gram"`` with ``sq_sum`` at
+        :math:`T>1` positions) is a ``ValueError`` naming the layer. None (default): the cost model chooses.
 
     Returns:
       The statistics (accumulated in float32 at least), then the per-example losses if asked, then the report if
@@ -194,6 +211,9 @@ def grad_stats(
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     check_positive_int("num_microbatches", num_microbatches, allow_none=True)
     check_floating_tree("params", params)
+    _check_ghost_form(ghost_form)
+    if ghost_form is not None and method not in ("ghost", "auto"):
+        raise ValueError(f"ghost_form applies to method='ghost' or 'auto', got method={method!r}")
     b = leading_size(batch)
     if mask is not None and jnp.shape(mask) != (b,):
         raise ValueError(f"mask must have shape ({b},) to match the batch, got {jnp.shape(mask)}")
@@ -210,12 +230,19 @@ def grad_stats(
         stats, losses = microbatch_grad_stats(
             loss_fn, params, batch, k, mask=mask, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum
         )
-        report = dict.fromkeys(paths, "microbatch")
+        report = GhostReport(dict.fromkeys(paths, "microbatch"))
     else:
         single = example_loss(loss_fn)
         plan = None
         if method in ("ghost", "auto"):
-            plan = plan_ghost(single, params, jax.tree_util.tree_map(lambda x: x[0], batch))
+            plan = plan_ghost(
+                single,
+                params,
+                jax.tree_util.tree_map(lambda x: x[0], batch),
+                sq_sum=sq_sum,
+                inner_sq_sum=inner_sq_sum and (chunk_size is None or chunk_size >= b),
+                ghost_form=ghost_form,
+            )
             if method == "auto" and not plan.covers_any:
                 plan = None
         if plan is not None:
@@ -234,7 +261,7 @@ def grad_stats(
                 )
 
         else:
-            report = dict.fromkeys(paths, "vmap")
+            report = GhostReport(dict.fromkeys(paths, "vmap"))
 
             def chunk_fn(xs, w, inner=False):
                 grads, losses = per_example_grads(loss_fn, params, xs, return_losses=True)

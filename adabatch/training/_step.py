@@ -61,12 +61,14 @@ import jax.numpy as jnp
 import optax
 
 from adabatch import _deprecation
+from adabatch import curvature as curv
 from adabatch import optimizers as opt
 from adabatch import stats as st
 from adabatch._tree import find_state
 from adabatch._validation import accumulation_dtype, check_choice, check_positive_int
 from adabatch.rules import BatchSizeTestState, has_decision
 from adabatch.stats._batch import leading_size
+from adabatch.stats._grad_stats import _inner_sums
 
 __all__ = [
     "TrainState",
@@ -287,7 +289,11 @@ def make_train_step(
       tx: any Optax transformation; a batch-size rule in it receives ``grad_stats=``, everything receives
         ``batch_size=`` (int32, the number of real examples) and ``value=`` (the mean loss); when it declares the
         need (EXTRAP-SGD, :func:`adabatch.needs_extrapolated_grads`), also ``extrapolated_grads=``, the mean
-        gradient of the same examples at :func:`adabatch.extrapolate` (a second backward pass per micro-batch).
+        gradient of the same examples at :func:`adabatch.extrapolate` (a second backward pass per micro-batch); when
+        it holds a curvature learner (:func:`adabatch.slq_learner`, :func:`adabatch.curvature.declared_curvature`),
+        also ``curvature=``, the SLQ :class:`~adabatch.curvature.Spectrum` of the first micro-batch's Hessian
+        (the request's Lanczos steps, probes and matrix; probes from ``fold_in(rng, step)``), computed under
+        ``lax.cond`` on the steps where the learner's ``due`` flag is set and zeros otherwise.
       method: the :func:`adabatch.grad_stats` method, passed through (``"microbatch"`` only without
         ``micro_batch_size``: its group-mean estimates do not merge across micro-batches).
       micro_batch_size: physical micro-batch :math:`m`; the statistics of :math:`\lceil b/m\rceil` micro-batches
@@ -309,7 +315,9 @@ def make_train_step(
       A :class:`TrainStep` ``step(state, batch, size=None) -> (state, metrics)``; ``metrics`` holds ``loss``,
       ``batch_size``, ``next_batch_size``, ``finite``, ``skipped``, ``learning_rate``,
       ``effective_learning_rate``, ``grad_norm``, ``update_norm``, ``trace_cov``, ``b_simple`` and, with a rule,
-      ``rule_statistic``, ``rule_threshold``, ``rule_nonfinite``.
+      ``rule_statistic``, ``rule_threshold``, ``rule_nonfinite``; with a curvature learner ``learning_rate`` is its
+      step size and ``momentum``, ``lambda_max``, ``lambda_min`` (its smoothed estimates) and
+      ``curvature_rejected`` are added.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -428,13 +436,15 @@ def make_train_step(
             batch_stats, loss_sum = jax.lax.fori_loop(0, (n + m - 1) // m, body, zero)
             if want_inner:
 
-                def inner_body(i, total):
+                def inner_body(i, totals):
                     xs, mask = micro(i)
                     a = st.inner_products(loss, params, xs, batch_stats.mean).astype(acc)
-                    return total + jnp.sum(jnp.where(mask, jnp.square(a), 0))
+                    inner, dev = _inner_sums(a, mask, batch_stats.mean)  # the centre ‖ḡ‖² is known by now
+                    return totals[0] + inner, totals[1] + dev
 
-                inner = jax.lax.fori_loop(0, (n + m - 1) // m, inner_body, jnp.zeros((), acc))
-                batch_stats = batch_stats._replace(inner_sq_sum=inner)
+                zeros = (jnp.zeros((), acc), jnp.zeros((), acc))
+                inner, dev = jax.lax.fori_loop(0, (n + m - 1) // m, inner_body, zeros)
+                batch_stats = batch_stats._replace(inner_sq_sum=inner, inner_dev_sq_sum=dev)
 
         mean_loss = loss_sum / n.astype(acc)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(jnp.result_type(p)), batch_stats.mean, params)
@@ -455,6 +465,10 @@ def make_train_step(
             second["extrapolated_grads"] = jax.tree_util.tree_map(
                 lambda t, p: (t / n.astype(acc)).astype(jnp.result_type(p)), total, params
             )
+        if curv.declared_curvature(state.opt_state) is not None:  # a curvature learner: the first micro-batch
+            xs, mask = micro(0)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            second["curvature"] = curv.requested_spectrum(loss, params, xs, state.opt_state, key=key, mask=mask)
         updates, new_opt = tx.update(
             grads, state.opt_state, params, grad_stats=batch_stats, batch_size=n, value=mean_loss, **second
         )
@@ -491,6 +505,15 @@ def make_train_step(
             trace_cov=st.trace_covariance(batch_stats),
             b_simple=st.b_simple(batch_stats),
         )
+        learner = find_state(new_state.opt_state, lambda node: isinstance(node, curv.ScaleBySLQLearnerState))
+        if learner is not None:
+            metrics.update(
+                learning_rate=learner.learning_rate.astype(acc),
+                momentum=learner.momentum.astype(acc),
+                lambda_max=learner.lambda_max.astype(acc),
+                lambda_min=learner.lambda_min.astype(acc),
+                curvature_rejected=learner.rejected,
+            )
         if isinstance(rule, BatchSizeTestState):
             metrics.update(
                 rule_statistic=rule.statistic, rule_threshold=rule.threshold, rule_nonfinite=rule.nonfinite_count
