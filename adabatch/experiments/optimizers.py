@@ -12,8 +12,8 @@ paper's step size :math:`\gamma_k` times the tuned learning rate. For a network 
 mean per-example squared gradient norm) and its step is :math:`\gamma = 1/2` at :math:`b \ge \tau^\star`;
 :math:`\epsilon` is set so that :math:`\tau^\star` at initialisation is ``optimal_batch_at_init``.
 
-Besides the default set, ``--optimizers`` (``Protocol.optimizers``) selects any of :data:`LEARNING_RATES`, among
-them :data:`EXTRA_OPTIMIZERS`: EXTRAP-SGD (its gradient at the extrapolated point computed by the engine, a second
+Besides the default set, ``--optimizers`` (``Protocol.optimizers``) selects any of ``LEARNING_RATES``, among
+them ``EXTRA_OPTIMIZERS``: EXTRAP-SGD (its gradient at the extrapolated point computed by the engine, a second
 backward pass per step) and the SLQ learner (:func:`adabatch.curvature.slq_learner`, its Hessian spectrum computed
 by the engine every ``interval`` steps), whose "learning rate" is the safety factor :math:`s` of its map —
 ``slq_learner`` keeps the default :math:`s = 0.25` (untuned), ``slq_learner_tuned`` tunes it on the grid.

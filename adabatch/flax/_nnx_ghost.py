@@ -1,7 +1,7 @@
 """Flax NNX capture for ghost statistics (see :mod:`adabatch.ghost`).
 
 While a ghost capture is active, the ``__call__`` of these NNX layers is routed to :func:`adabatch.ghost.capture`,
-like their linen counterparts (:mod:`adabatch.flax._ghost`):
+like their linen counterparts (``adabatch.flax._ghost``):
 
 =============================  ==========  ====================================================================
 NNX module                     ghost kind  conditions (otherwise the layer's parameters fall back to vmap)

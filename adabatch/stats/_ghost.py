@@ -13,7 +13,7 @@ statistics need only :math:`A_i` and :math:`\Delta_i` (both of activation size):
   :math:`\lVert g_i\rVert^2 = \langle A_iA_i^\top, \Delta_i\Delta_i^\top\rangle_F` or the layer's own
   per-example gradients :math:`A_i^\top\Delta_i` ("direct"), and for embeddings also a sorted "segment" form;
   a cost model picks the cheapest exact form per layer at trace time from the static shapes and the statistics
-  asked for (:mod:`adabatch.stats._ghost_forms` has the formulas; ``docs/statistics.md`` the measurements).
+  asked for (``adabatch.stats._ghost_forms`` has the formulas; ``docs/statistics.md`` the measurements).
 
 Convolutions (1-D, 2-D, 3-D; strides, padding, dilations, feature groups) become :math:`G` dense layers on their
 input patches (:math:`T` = output positions), embeddings read :math:`T` ids, and small element-wise layers
@@ -33,9 +33,9 @@ and ``Einsum`` (loaded automatically when flax is imported); in plain JAX write 
 :func:`~adabatch.stats.ghost.layer`, which compute the layer normally and register it when a capture is active. A
 parameter leaf is attributed to a layer by identity (the array passed in ``params`` reaches the layer unchanged);
 a leaf that is also used outside its captured layers, or by two different layers, falls back to vmap, and so do
-the parameters of a layer a backend declines (:func:`decline`, e.g. circular padding) or whose shapes do not fit
+the parameters of a layer a backend declines (``decline``, e.g. circular padding) or whose shapes do not fit
 its kind. The report (:func:`ghost_report`, or ``grad_stats(..., return_report=True)``: a
-:class:`GhostReport`) says which path each leaf took, which form each layer took with its estimated cost, and why
+``GhostReport``) says which path each leaf took, which form each layer took with its estimated cost, and why
 a leaf fell back.
 
 The model must treat examples independently (no batch statistics, e.g. BatchNorm in training mode), as for vmap.
@@ -241,7 +241,7 @@ class GhostPlan:
       paths: ``jax.tree_util.keystr`` path of every params leaf, in flattening order.
       route: per leaf, ``"ghost"`` (captured layers only), ``"vmap"`` (per-example gradients of this leaf) or
         ``"unused"`` (the loss does not depend on it: zero gradient).
-      layers: the form of every captured layer (see :class:`GhostReport`).
+      layers: the form of every captured layer (see ``GhostReport``).
       reasons: per leaf index, why it is not ghost.
     """
 
@@ -252,7 +252,7 @@ class GhostPlan:
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def report(self) -> GhostReport:
-        """The :class:`GhostReport` of this plan."""
+        """The ``GhostReport`` of this plan."""
         forms = dict(zip(self.paths, self.route, strict=True))
         for layer in self.layers:
             for path in layer.paths:
@@ -405,7 +405,7 @@ def ghost_report(
     ghost_form: str | Mapping[str, str] | None = None,
 ) -> GhostReport:
     """Which path each parameter leaf takes under ``grad_stats(..., method="ghost")`` with these statistics, and
-    which form each captured layer takes (a :class:`GhostReport`).
+    which form each captured layer takes (a ``GhostReport``).
 
     Example:
       >>> import jax.numpy as jnp

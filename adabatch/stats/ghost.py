@@ -5,7 +5,7 @@ Write a layer with :func:`dense`, :func:`conv`, :func:`embed` or :func:`layer` a
 per-example gradients (the maths is in :func:`adabatch.grad_stats`'s documentation and ``docs/grad_stats.md``).
 Flax linen layers are captured automatically; other frameworks register a backend with
 :func:`register_capture_backend`. :func:`ghost_report` (a :class:`GhostReport`) says which form each layer takes
-and why a parameter falls back; ``grad_stats(..., ghost_form=...)`` forces a form (:data:`FORMS`).
+and why a parameter falls back; ``grad_stats(..., ghost_form=...)`` forces a form (``FORMS``).
 """
 
 from adabatch.stats import _ghost, _ghost_layers
