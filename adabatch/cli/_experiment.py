@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+from typing import Any
 
 from adabatch.cli._args import at_least, name_list, output_dir, positive_float
 
@@ -103,18 +104,24 @@ def _register_variable_batch(experiments: argparse._SubParsersAction, name: str)
     parser.set_defaults(func=lambda args: _variable_batch(args, name))
 
 
+def _reanalyse(module: Any, out: str) -> int:
+    """``--reanalyse``: an experiment module's summary and plots redone from ``out/results.json`` (exit status 2,
+    one line, when there is none)."""
+    try:
+        result = module.reanalyse(out)
+    except FileNotFoundError as exc:
+        print(f"--reanalyse: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/summary.md, {', '.join(result['plots'])}")
+    return 0
+
+
 def _variable_batch(args: argparse.Namespace, name: str) -> int:
     module = importlib.import_module(f"adabatch.experiments.{name}")
     _, overrides, conclusions = _VARIABLE_BATCH[name]
     out = args.out or f"results/{name}-{args.data}"
     if args.reanalyse:
-        try:
-            result = module.reanalyse(out)
-        except FileNotFoundError as exc:
-            print(f"--reanalyse: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {out}/summary.md, {', '.join(result['plots'])}")
-        return 0
+        return _reanalyse(module, out)
     protocol = module.default_protocol(args.data, args.quick)
     for field in overrides:
         if getattr(args, field) is not None:
@@ -190,13 +197,7 @@ def _batch_hessian(args: argparse.Namespace) -> int:
 
     out = args.out or "results/batch-hessian"
     if args.reanalyse:
-        try:
-            result = batch_hessian.reanalyse(out)
-        except FileNotFoundError as exc:
-            print(f"--reanalyse: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {out}/summary.md, {', '.join(result['plots'])}")
-        return 0
+        return _reanalyse(batch_hessian, out)
     data = batch_hessian.DATASETS if args.data == "both" else (args.data,)
     command = "adabatch " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
     result = batch_hessian.run(
