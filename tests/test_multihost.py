@@ -12,13 +12,16 @@ their processes would otherwise compete for the same two cores with the rest of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,29 +41,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_together(commands: list[list[str]], logs: Path, timeout_s: float) -> list[int]:
-    """Start every command at once; wait for all of them; kill all on timeout. Returns the exit codes."""
+@contextlib.contextmanager
+def started(commands: list[list[str]], logs: Path) -> Iterator[list[subprocess.Popen]]:
+    """Start every command at once (CPU JAX, this checkout first on PYTHONPATH, output to ``logs/process<i>.log``);
+    on leaving, kill whatever still runs and close the logs, whatever happened."""
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
-    procs = []
+    procs: list[tuple[subprocess.Popen, Any]] = []
     try:
         for i, command in enumerate(commands):
             log = open(logs / f"process{i}.log", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        deadline = time.monotonic() + timeout_s
-        codes = []
-        for proc, _ in procs:
-            try:
-                codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"a process did not finish within {timeout_s} s (hang?); logs in {logs}")
-        return codes
+        yield [proc for proc, _ in procs]
     finally:
         for proc, log in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             log.close()
+
+
+def run_together(commands: list[list[str]], logs: Path, timeout_s: float) -> list[int]:
+    """Start every command at once; wait for all of them; kill all on timeout. Returns the exit codes."""
+    with started(commands, logs) as procs:
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a process did not finish within {timeout_s} s (hang?); logs in {logs}")
+        return codes
 
 
 def tail(logs: Path, n: int = 3000) -> str:
@@ -209,34 +220,25 @@ def test_a_killed_process_fails_the_run_and_leaves_a_resumable_checkpoint(tmp_pa
     ckpt, port = tmp_path / "ckpt", free_port()
     common = ["--rule", "norm", "--optimizer", "sgd", "--model", "mlp", "--lr", "0.1", "--eval-every", "1000",
               "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5", "--quiet"]  # fmt: skip
-    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
-    procs = []
-    try:
-        for i in range(2):
-            command = [sys.executable, "-m", "adabatch.cli", "train", *common, "--steps", "100000", "--out",
-                       str(tmp_path / f"out{i}"), "--coordinator-address", f"127.0.0.1:{port}", "--num-processes",
-                       "2", "--process-id", str(i), "--heartbeat-timeout", "5"]  # fmt: skip
-            log = open(tmp_path / f"process{i}.log", "w")  # noqa: SIM115 - closed below
-            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    commands = [
+        [sys.executable, "-m", "adabatch.cli", "train", *common, "--steps", "100000",
+         "--out", str(tmp_path / f"out{i}"), "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--heartbeat-timeout", "5"]
+        for i in range(2)
+    ]  # fmt: skip
+    with started(commands, tmp_path) as procs:
         deadline = time.monotonic() + TIMEOUT_S
         while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
-            assert procs[0][0].poll() is None, tail(tmp_path)
+            assert procs[0].poll() is None, tail(tmp_path)
             assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT_S} s\n{tail(tmp_path)}"
             time.sleep(0.2)
-        procs[1][0].kill()
+        procs[1].kill()
         killed = time.monotonic()
         try:
-            code = procs[0][0].wait(timeout=90)
+            code = procs[0].wait(timeout=90)
         except subprocess.TimeoutExpired:
             pytest.fail(f"process 0 still runs 90 s after its peer died (heartbeat timeout 5 s)\n{tail(tmp_path)}")
         assert code != 0 and time.monotonic() - killed < 90
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
     latest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     out = tmp_path / "resumed"
     code, err = run_cli(["train", *common, "--steps", str(latest + 5), "--resume", "--out", str(out)], capsys)

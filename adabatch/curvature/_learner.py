@@ -155,7 +155,7 @@ def curvature_hyperparams(
     check_unit_interval("max_momentum", max_momentum)
     dtype = jnp.promote_types(jnp.result_type(lam_max, lam_min), jnp.float32)
     big = jnp.asarray(lam_max, dtype)
-    small = jnp.minimum(jnp.maximum(jnp.asarray(lam_min, dtype), big / max_condition), big)
+    small = _clipped_min(big, jnp.asarray(lam_min, dtype), max_condition)
     root = jnp.sqrt(jnp.where(small > 0, big / jnp.where(small > 0, small, 1), 1))  # √κ, 1 when degenerate
     rho = jnp.minimum(jnp.square((root - 1) / (root + 1)), max_momentum)
     positive = big > 0
@@ -166,6 +166,12 @@ def curvature_hyperparams(
     else:
         alpha = safety * 2 / safe_big
     return jnp.where(positive, alpha, 0).astype(dtype), rho.astype(dtype)
+
+
+def _clipped_min(lam_max: jax.Array, lam_min: jax.Array, max_condition: Any) -> jax.Array:
+    r""":math:`\mu = \min(\max(\lambda_{\min}, \lambda_{\max}/\kappa_{\max}), \lambda_{\max})`: the positive floor
+    of the smallest eigenvalue (the one place it is formed: the map and the learner's smoothing both use it)."""
+    return jnp.minimum(jnp.maximum(lam_min, lam_max / max_condition), lam_max)
 
 
 def _check_condition(max_condition: Any) -> None:
@@ -285,7 +291,7 @@ def scale_by_slq_learner(
         ok = jnp.isfinite(big) & jnp.isfinite(low) & (big > 0)
         accept, refuse = state.due & ok, state.due & ~ok
         safe_big = jnp.where(ok, big, 1)
-        small = jnp.minimum(jnp.maximum(jnp.where(ok, low, 1), safe_big / max_condition), safe_big)
+        small = _clipped_min(safe_big, jnp.where(ok, low, 1), max_condition)
         beta = jnp.asarray(smoothing, dtype)
         ema_max = jnp.where(accept, beta * state.ema_lambda_max + (1 - beta) * safe_big, state.ema_lambda_max)
         ema_min = jnp.where(accept, beta * state.ema_lambda_min + (1 - beta) * small, state.ema_lambda_min)
