@@ -123,6 +123,20 @@ def test_every_form_equals_brute_force(dtype):
             assert int(stats.count) == 4
 
 
+@pytest.mark.parametrize("chunk", [2, 64])  # the accelerators' vectorised chunks: a padded tail, one chunk of all
+def test_segment_form_in_chunks_equals_brute_force(chunk, monkeypatch):
+    from adabatch.stats import _ghost_forms
+
+    monkeypatch.setattr(_ghost_forms, "_embed_chunk", lambda: chunk)
+    params, batch = _problem(jnp.float32)
+    mask = jnp.array([1, 0, 1, 1, 1], jnp.float32)
+    stats = grad_stats(_model, params, batch, method="ghost", mask=mask, ghost_form={"embed": "segment"}, sq_sum=True)
+    ref = _reference(per_example_grads(_model, params, batch), mask)
+    _close(stats.sq_norm_sum, ref["q"], 1e-5)
+    _close(_flat(stats.mean), ref["mean"], 1e-5)
+    _close(_flat(stats.sq_sum), ref["s2"], 1e-5)
+
+
 def test_report_forms_costs_and_forcing():
     params, batch = _problem(jnp.float32)
     report = ghost.ghost_report(_model, params, batch)

@@ -21,8 +21,11 @@ input patches (:math:`T` = output positions), embeddings read :math:`T` ids, and
 alone (``"layerwise"``: :math:`b\times` that layer's parameters only).
 
 How :math:`A_i` and :math:`\Delta_i` are obtained: the batch is run *per example* under ``jax.vmap`` (exactly the
-semantics of ``method="vmap"``), the layer inputs are recorded, and a zero perturbation is added at every captured
-layer output; the gradient with respect to the perturbation is :math:`\Delta`. Parameters are not differentiated
+semantics of ``method="vmap"``), the layer inputs are recorded, and every captured layer output passes through a
+*tap*: an identity in the forward pass whose backward also hands the output's cotangent :math:`\Delta` to a probe
+argument, so that the gradient with respect to the probe is :math:`\Delta` (the probe is never read in the forward
+pass, so no zero perturbation is materialised or added: on CPU, that buffer of the layer's output size cost as much
+as the layer's own forward). Parameters are not differentiated
 at all, except the ones no captured layer covers: their per-example gradients come out of the same ``vmap``
 (``"vmap"`` fallback, :math:`b\times` those parameters only). One forward and one backward pass in all.
 
@@ -186,7 +189,7 @@ def capture(
       name: a readable name for reports.
 
     Returns:
-      The layer output (plus a zero perturbation while capturing).
+      The layer output (through the tap that yields its output gradient while capturing).
     """
     recorder = _current()
     if recorder is None or recorder.busy:
@@ -213,7 +216,27 @@ def capture(
     if spec.kind != kind or spec.out_shape != tuple(jnp.shape(out)):
         raise RuntimeError(f"ghost capture: layer call {position} ({spec.name}) changed between planning and run")
     recorder.inputs.append(inputs)
-    return out + recorder.perturbations[len(recorder.inputs) - 1]
+    return _tap(out, recorder.perturbations[len(recorder.inputs) - 1])
+
+
+@jax.custom_vjp
+def _tap(out: jax.Array, probe: jax.Array) -> jax.Array:
+    """``out``, unchanged; the cotangent of ``out`` also becomes the gradient with respect to ``probe`` (an array
+    of ``out``'s shape and dtype that is never read, so XLA drops it)."""
+    del probe
+    return out
+
+
+def _tap_fwd(out: jax.Array, probe: jax.Array) -> tuple[jax.Array, None]:
+    del probe
+    return out, None
+
+
+def _tap_bwd(_: None, cotangent: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return cotangent, cotangent
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def decline(params: Mapping[str, Any], reason: str, name: str = "") -> None:

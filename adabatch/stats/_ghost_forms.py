@@ -15,13 +15,15 @@ formed in several exact ways whose cost depends only on these static shapes:
   with :math:`T>1` it has no :math:`S_2`.
 ``"direct"``
   the per-example gradients themselves, :math:`A_i^\top\Delta_i` (the plain weight-gradient product kept per
-  example; for an embedding a scatter into :math:`V\times e`): :math:`2TGIO + 2GIO` flops and :math:`GIO`
-  memory per example (:math:`T e + 2Ve` and :math:`Ve` for an embedding); gives every statistic.
+  example, whose sum over the examples is the mean's; for an embedding a scatter into :math:`V\times e`):
+  :math:`3GIO` flops beyond the plain product (the sum and the squares) and :math:`GIO` memory per example
+  (:math:`Te + 2Ve` and :math:`Ve` for an embedding); gives every statistic.
 ``"segment"`` (embeddings)
-  sort each example's ids, sum :math:`\delta` over equal ids (:math:`s_{iv} = \sum_{t: x_{it}=v}\delta_{it}`,
-  the non-zero rows of :math:`g_i`), then :math:`\lVert g_i\rVert^2 = \sum_v\lVert s_{iv}\rVert^2` and
-  :math:`S_2 = \sum_{i}` scatter of :math:`s_{iv}\odot s_{iv}`: :math:`T\log_2T` comparisons, :math:`3Te` flops,
-  :math:`2Te` memory; never builds :math:`T\times T` nor :math:`V\times e` per example.
+  sum :math:`\delta` over each example's equal ids (:math:`s_{iv} = \sum_{t: x_{it}=v}\delta_{it}`, the non-zero
+  rows of :math:`g_i`; equal ids found through a representative position per id, :func:`segment_stats`), then
+  :math:`\lVert g_i\rVert^2 = \sum_v\lVert s_{iv}\rVert^2` and :math:`S_2 = \sum_{i}` scatter of
+  :math:`s_{iv}\odot s_{iv}`: :math:`2T` table moves, :math:`3Te` flops, :math:`Te` memory (in cache: the examples
+  run one at a time on CPU); never builds :math:`T\times T`, :math:`V\times e` per example, nor sorts.
 
 The inner products :math:`\langle g_i,\bar g\rangle` cost :math:`2GIO` per example from materialised gradients and
 :math:`2TGIO` (one forward of the layer with weights :math:`\bar g`, dotted with :math:`\Delta_i`) from the rows; for
@@ -30,10 +32,13 @@ form.
 
 **The cost model.** For each layer group the applicable forms are scored as
 ``flops + MEMORY_WEIGHT * memory`` (per example, extra over a plain gradient step: the sum
-:math:`\sum_i A_i^\top\Delta_i` that the mean needs is the plain step's own product and is not counted) and the
-lowest wins. ``MEMORY_WEIGHT`` (flops per element written and read back) was measured on the 2-core CPU machine of
-the benchmarks, where a per-example gradient of :math:`GIO` elements costs about as much as 64 flops per element
-to write, square and reduce. The choice, the estimated cost of every applicable form, and the reason are reported
+:math:`\sum_i A_i^\top\Delta_i` that the mean needs is the plain step's own product and is not counted; the direct
+form's per-example products replace it) and the lowest wins. ``MEMORY_WEIGHT`` (flops per element written and read
+back) was fitted on the 2-core CPU machine of the benchmarks, where a fresh buffer is page-faulted on every call: an
+element of a per-example buffer costs about as much as 128 flops (with 64 the direct form won on the 128-channel
+1-D convolution of the ``seq5`` probe, 384 × 128 per example, and was 1.7× slower than the Gram form there; with
+128 every choice on the benchmark models is the faster of the two measured). The choice, the estimated cost of
+every applicable form, and the reason are reported
 (:class:`LayerForm`); ``grad_stats(..., ghost_form=...)`` forces a form.
 """
 
@@ -52,9 +57,7 @@ __all__ = ["FORMS", "Cost", "GhostReport", "LayerForm"]
 
 FORMS = ("gram", "direct", "segment")
 # Cost of one element of per-example memory (written, read back, reduced) in flops, on the benchmark machine.
-MEMORY_WEIGHT = 64
-# Comparisons of a sort cost about this many flops each (data-dependent moves).
-SORT_WEIGHT = 8
+MEMORY_WEIGHT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +196,10 @@ def form_cost(geometry: Geometry, form: str, sq_sum: bool, inner: bool) -> Cost:
             return Cost(flops + 2 * t * t * e + 2 * t * t, memory + 2 * t * t)
         if form == "direct":
             return Cost(flops + t * e + 2 * v * e * (1 + sq_sum), memory + v * e)
-        sort = SORT_WEIGHT * t * max(1, math.ceil(math.log2(max(t, 2))))
-        return Cost(flops + sort + 3 * t * e + 2 * t * e * sq_sum, memory + 2 * t * e)
+        return Cost(flops + 2 * t + 3 * t * e + 2 * t * e * sq_sum, memory + t * e)
     unfold = t * g * i if geometry.kind == "conv" else 0  # the unfolded input (patches) of a convolution
-    if form == "direct":
-        return Cost(2 * t * g * i * o + 2 * g * i * o * (1 + sq_sum + inner), unfold + g * i * o)
+    if form == "direct":  # the per-example products replace the batch product; their sum is the mean
+        return Cost(g * i * o * (3 + 2 * sq_sum + 2 * inner), unfold + g * i * o)
     if t == 1:  # products of norms; S2 = (a ⊙ a)ᵀ(δ ⊙ δ)
         return Cost(2 * g * (i + o) + 2 * g * i * o * (sq_sum + inner), unfold + g * (i + o) * sq_sum)
     flops = 2 * t * t * g * (i + o) + t * t * g + (2 * t * g * i * o + 2 * t * g * o) * inner
@@ -312,15 +314,17 @@ def linear_stats(form: str, a: jax.Array, d: jax.Array, shape: tuple, sq_sum: bo
     to_leaf, from_leaf = kernel_layout(shape, groups, k_in, k_out)
     a3 = jnp.swapaxes(a, 1, 2).reshape(b * groups, t, k_in)  # (b·G, T, I)
     d3 = jnp.swapaxes(d, 1, 2).reshape(b * groups, t, k_out)
+    if form == "direct":  # the per-example products replace the batch product: the mean is their sum
+        g = jnp.einsum("nti,nto->nio", a3, d3).reshape(b, groups, k_in, k_out)
+        flat = g.reshape(b, -1)  # (b, G·I·O) in the (G, I, O) layout
+        s2 = to_leaf(jnp.sum(jnp.square(g), 0)) if sq_sum else None
+        return LeafStats(
+            to_leaf(jnp.sum(g, 0)), jnp.sum(jnp.square(flat), 1), s2, lambda mean: flat @ from_leaf(mean).reshape(-1)
+        )
     if groups == 1:
         s1 = to_leaf(jnp.einsum("nti,nto->io", a3, d3)[None])
     else:
         s1 = to_leaf(jnp.einsum("bgti,bgto->gio", a3.reshape(b, groups, t, k_in), d3.reshape(b, groups, t, k_out)))
-    if form == "direct":
-        g = jnp.einsum("nti,nto->nio", a3, d3)  # (b·G, I, O)
-        flat = g.reshape(b, -1)  # (b, G·I·O) in the (G, I, O) layout
-        s2 = to_leaf(jnp.sum(jnp.square(g).reshape(b, groups, k_in, k_out), 0)) if sq_sum else None
-        return LeafStats(s1, jnp.sum(jnp.square(flat), 1), s2, lambda mean: flat @ from_leaf(mean).reshape(-1))
 
     def rows_inner(mean: jax.Array) -> jax.Array:
         return jnp.einsum("btgi,gio,btgo->b", a, from_leaf(mean), d)
@@ -338,27 +342,62 @@ def embed_stats(form: str, ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: b
     """Table statistics of an embedding read at ``ids`` (b, T) with output gradients ``d`` (b, T, e) (weighted)."""
     b, t = ids.shape
     vocab, features = shape
-    s1 = jnp.zeros(shape, d.dtype).at[ids.reshape(-1)].add(d.reshape(-1, features))
 
     def rows_inner(mean: jax.Array) -> jax.Array:
         return jnp.sum(jnp.take(mean, ids, axis=0) * d, (1, 2))
 
-    if form == "direct":
+    if form == "segment":
+        return segment_stats(ids, d, shape, sq_sum, rows_inner)
+    if form == "direct":  # the mean is the sum of the per-example tables
         g = jnp.zeros((b, vocab, features), d.dtype).at[jnp.arange(b)[:, None], ids].add(d)
         st = materialised(g, sq_sum)
-        return LeafStats(s1, st.sq, st.s2, rows_inner)
-    if form == "gram":
-        same = (ids[:, :, None] == ids[:, None, :]).astype(d.dtype)
-        return LeafStats(s1, jnp.sum(same * jnp.einsum("btf,bsf->bts", d, d), (1, 2)), None, rows_inner)
-    order = jnp.argsort(ids, axis=1)
-    sorted_ids = jnp.take_along_axis(ids, order, axis=1)
-    sorted_d = jnp.take_along_axis(d, order[:, :, None], axis=1)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=1)
-    segment = (jnp.cumsum(starts, axis=1) - 1) + t * jnp.arange(b)[:, None]  # one segment per (example, id)
-    sums = jax.ops.segment_sum(sorted_d.reshape(b * t, features), segment.reshape(-1), b * t)  # rows of g_i
-    sq = jnp.sum(jnp.square(sums).reshape(b, -1), 1)
-    s2 = None
-    if sq_sum:
-        vocab_of = jnp.zeros(b * t, ids.dtype).at[segment.reshape(-1)].set(sorted_ids.reshape(-1))
-        s2 = jnp.zeros(shape, d.dtype).at[vocab_of].add(jnp.square(sums))  # empty segments add zeros
-    return LeafStats(s1, sq, s2, rows_inner)
+        return LeafStats(st.s1, st.sq, st.s2, rows_inner)
+    s1 = jnp.zeros(shape, d.dtype).at[ids.reshape(-1)].add(d.reshape(-1, features))
+    same = (ids[:, :, None] == ids[:, None, :]).astype(d.dtype)
+    return LeafStats(s1, jnp.sum(same * jnp.einsum("btf,bsf->bts", d, d), (1, 2)), None, rows_inner)
+
+
+def _embed_chunk() -> int:
+    """Examples per step of the segment form's scan: one on CPU (its rows and table stay in cache), a vectorised
+    chunk on accelerators (where each scan step is a kernel launch)."""
+    return 1 if jax.default_backend() == "cpu" else 64
+
+
+def segment_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool, rows_inner: Callable) -> LeafStats:
+    r"""The ``"segment"`` form of :func:`embed_stats`: each example's output gradients summed over equal ids.
+
+    Equal ids are grouped by a *representative* position: a ``(V,)`` integer table is written at the example's ids
+    with their positions and read back at the same ids (whichever write wins, equal ids read the same position;
+    only entries written for this example are read, so the table is never cleared). The :math:`T` gradients are
+    then scatter-added into :math:`T` rows at their representatives (the non-zero rows are :math:`g_i`'s rows), so
+    :math:`\lVert g_i\rVert^2` is the sum of the squared rows and :math:`S_2` a scatter of the squared rows at the
+    ids. The examples run in chunks (one at a time on CPU) under ``lax.scan`` with the table, the mean and
+    :math:`S_2` in the carry: no :math:`T\times T`, no per-example :math:`V\times e`, no sort."""
+    b, t = ids.shape
+    vocab, features = shape
+    chunk = min(_embed_chunk(), b)
+    steps = -(-b // chunk)
+    pad = steps * chunk - b
+    ids_c = jnp.pad(ids, ((0, pad), (0, 0))).reshape(steps, chunk, t)
+    d_c = jnp.pad(d, ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, t, features)  # padded examples add zeros
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=ids.dtype), (chunk, t))
+    rows_of = jnp.arange(chunk)[:, None]
+
+    def step(carry, xs):
+        table, s1, s2 = carry
+        ids_i, d_i = xs  # (chunk, T), (chunk, T, e)
+        table = table.at[rows_of, ids_i].set(positions)
+        representative = table[rows_of, ids_i]
+        rows = jnp.zeros_like(d_i).at[rows_of, representative].add(d_i)  # row r: the sum over ids equal to ids[r]
+        s1 = s1.at[ids_i].add(d_i)
+        if s2 is not None:
+            s2 = s2.at[ids_i].add(jnp.square(rows))  # rows that are no representative are zero
+        return (table, s1, s2), jnp.sum(jnp.square(rows), (1, 2))
+
+    init = (
+        jnp.zeros((chunk, vocab), ids.dtype),
+        jnp.zeros(shape, d.dtype),
+        jnp.zeros(shape, d.dtype) if sq_sum else None,
+    )
+    (_, s1, s2), sq = jax.lax.scan(step, init, (ids_c, d_c))
+    return LeafStats(s1, sq.reshape(-1)[:b], s2, rows_inner)
