@@ -3,7 +3,7 @@
 Run: ``python examples/flax_nnx.py`` (a few seconds; ``--steps`` to change the length).
 
 The model is trained on scikit-learn's digits. The statistics are ghost statistics (``nnx_update``'s default,
-``--stats``): the ``nnx.Conv`` and ``nnx.Linear`` layers are captured, so the exact per-example statistics cost
+``--method``): the ``nnx.Conv`` and ``nnx.Linear`` layers are captured, so the exact per-example statistics cost
 about one plain gradient. Each step pads the batch to a bucket size (``adabatch.training.bucket_size``) with a
 mask, so the jitted update compiles once per bucket, not once per batch size.
 """
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stats", choices=("ghost", "vmap", "auto"), default="ghost", help="grad_stats method")
+    parser.add_argument("--method", choices=("ghost", "vmap", "auto"), default="ghost", help="grad_stats method")
     args = parser.parse_args(argv)
 
     data = load_digits(seed=args.seed)
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     tx = adabatch.adadagrad_norm(args.lr, eta=args.eta, max_batch_size=args.max_batch_size)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # stock NNX optimizer
     loss_fn = per_example_loss(model, optax.softmax_cross_entropy_with_integer_labels)
-    update = nnx.jit(functools.partial(nnx_update, stats=args.stats), static_argnums=2)  # loss_fn: static
+    update = nnx.jit(functools.partial(nnx_update, method=args.method), static_argnums=2)  # loss_fn: static
 
     stream = DataStream((data.x_train, data.y_train), seed=args.seed)
     offset, sizes = 0, []

@@ -93,3 +93,17 @@ def test_linen_train_state_old_property():
     state = flax.LinenTrainState.create(apply_fn=None, params=jnp.zeros(2), tx=tx)
     with pytest.warns(DeprecationWarning, match="next_batch_size"):
         assert int(state.batch_size) == int(state.next_batch_size) == 8
+
+
+def test_flax_update_helpers_old_stats_keyword():
+    flax = pytest.importorskip("adabatch.flax")
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    loss_fn = flax.per_example_loss(model, optax.softmax_cross_entropy_with_integer_labels)
+    batch = (jnp.ones((4, 3)), jnp.arange(4) % 2)
+    with pytest.warns(DeprecationWarning, match=r"nnx_update\(stats=...\).*nnx_update\(method=...\)"):
+        old = flax.nnx_update(model, optimizer, loss_fn, batch, stats="vmap")
+    new = flax.nnx_update(model, optimizer, loss_fn, batch, method="vmap")
+    assert int(old["batch_size"]) == int(new["batch_size"]) == 4

@@ -156,6 +156,7 @@ def test_quick_run_writes_results(tmp_path):
     rc = main(["experiment", "adadagrad", "--quick", "--out", str(out), "--no-progress"])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
+    assert not (out / "arms.partial.jsonl").exists()  # the journal of finished arms goes once results.json is written
     budget = result["protocol"]["epochs"] * result["training_examples"]
     kinds = {e["arm"]["kind"] for e in result["arms"]}
     assert kinds == {"fixed", "warmup", "adascale", "rule"}
@@ -188,3 +189,62 @@ def test_text_problem_is_a_language_model_with_a_held_out_loss():
     assert adadagrad.default_protocol("text").max_batch_size == 512
     with pytest.raises(ValueError, match="data"):
         adadagrad.default_protocol("images")
+
+
+def test_cnn_problem_is_the_digits_cnn_with_a_smaller_protocol():
+    from adabatch.experiments import adadagrad
+
+    prob = adadagrad.problem("digits-cnn", 0, train_examples=32)
+    params = jax.jit(prob.init_fn)(jax.random.key(0))
+    assert {"Conv_0", "Conv_1", "Dense_0"} <= set(params) and prob.higher_is_better and prob.metric == "test accuracy"
+    metrics = jax.jit(prob.evaluate)(params)
+    assert 0.0 <= float(metrics["test"]) <= 1.0  # an accuracy
+    cnn, mlp = adadagrad.default_protocol("digits-cnn"), adadagrad.default_protocol("digits")
+    assert len(adadagrad.arms(cnn)) < len(adadagrad.arms(mlp)) and cnn.seeds >= 5 and cnn.epochs == mlp.epochs
+
+
+def test_an_interrupted_experiment_resumes_from_its_journal(tmp_path):
+    import dataclasses
+
+    from adabatch.experiments import _protocol
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        optimizer: str
+        k: int
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyProtocol:
+        tuning_seeds: int = 1
+        seeds: int = 2
+        scale: float = 1.0
+
+        def lrs(self, optimizer):
+            return (0.1, 1.0)
+
+    calls = []
+
+    def bind(arm, fail_on=None):
+        def run_one(lr, seed, tuning):
+            if arm.k == fail_on:
+                raise KeyboardInterrupt  # a kill in the middle of the second arm
+            calls.append((arm.k, lr, seed))
+            return {"evals": {"val_loss": [(lr - 0.1 * arm.k) ** 2], "val_metric": [1.0]}, "seed": seed}
+
+        return run_one
+
+    arms = [Toy("sgd", 1), Toy("sgd", 10)]
+    journal = tmp_path / "out" / "arms.partial.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _protocol.run_arms(arms, lambda a: bind(a, fail_on=10), ToyProtocol(), False, "toy", journal)
+    assert len(journal.read_text().splitlines()) == 1 and len(calls) == 4  # arm 1: 2 tuning + 2 evaluation runs
+    with open(journal, "a") as f:
+        f.write('{"protocol": "torn')  # a kill while writing leaves a torn line: skipped
+    calls.clear()
+    resumed = _protocol.run_arms(arms, bind, ToyProtocol(), False, "toy", journal)
+    assert {k for k, _, _ in calls} == {10}  # only the unfinished arm ran
+    fresh = _protocol.run_arms(arms, bind, ToyProtocol(), False, "toy", None)
+    assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(fresh)) and resumed[1]["learning_rate"] == 1.0
+    calls.clear()
+    _protocol.run_arms(arms, bind, ToyProtocol(scale=2.0), False, "toy", journal)  # another protocol: all run again
+    assert {k for k, _, _ in calls} == {1, 10}

@@ -123,18 +123,34 @@ def test_every_form_equals_brute_force(dtype):
             assert int(stats.count) == 4
 
 
-@pytest.mark.parametrize("chunk", [2, 64])  # the accelerators' vectorised chunks: a padded tail, one chunk of all
-def test_segment_form_in_chunks_equals_brute_force(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 2, 64])  # one example per step, a padded tail, one step of all
+def test_segment_form_in_chunks_of_examples_equals_brute_force(chunk, monkeypatch):
+    """The segment form scans over chunks of examples when its per-example buffers would not fit in cache
+    (``example_chunk``); every chunking gives the same statistics."""
     from adabatch.stats import _ghost_forms
 
-    monkeypatch.setattr(_ghost_forms, "_embed_chunk", lambda: chunk)
+    monkeypatch.setattr(_ghost_forms, "example_chunk", lambda b, per_example, accelerator=None: min(chunk, b))
     params, batch = _problem(jnp.float32)
     mask = jnp.array([1, 0, 1, 1, 1], jnp.float32)
-    stats = grad_stats(_model, params, batch, method="ghost", mask=mask, ghost_form={"embed": "segment"}, sq_sum=True)
     ref = _reference(per_example_grads(_model, params, batch), mask)
-    _close(stats.sq_norm_sum, ref["q"], 1e-5)
-    _close(_flat(stats.mean), ref["mean"], 1e-5)
-    _close(_flat(stats.sq_sum), ref["s2"], 1e-5)
+    for form in ({"embed": "segment"}, {"embed": "segment", "conv": "direct"}):
+        stats = grad_stats(
+            _model, params, batch, method="ghost", mask=mask, ghost_form=form, sq_sum=True, inner_sq_sum=True
+        )
+        _close(stats.sq_norm_sum, ref["q"], 1e-5)
+        _close(_flat(stats.mean), ref["mean"], 1e-5)
+        _close(_flat(stats.sq_sum), ref["s2"], 1e-5)
+        _close(stats.inner_sq_sum, ref["inner"], 1e-5)
+        _close(stats.inner_dev_sq_sum, ref["dev"], 1e-5)
+
+
+def test_example_chunk_fits_the_working_set():
+    from adabatch.stats._ghost_forms import WORKING_SET_BYTES, example_chunk
+
+    per_example = WORKING_SET_BYTES // (4 * 20)  # 20 examples fit
+    assert example_chunk(16, per_example) == 16  # the whole batch fits: one step
+    assert example_chunk(1024, per_example) == 16  # the largest power of two that fits
+    assert example_chunk(1024, 10 * WORKING_SET_BYTES) == 1  # not even one fits: one at a time
 
 
 def test_report_forms_costs_and_forcing():

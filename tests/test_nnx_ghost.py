@@ -211,4 +211,4 @@ def test_nnx_update_takes_ghost_statistics_by_default(monkeypatch):
     assert int(metrics["batch_size"]) == 6
     (method, report), *_ = seen
     assert method == "ghost" and len(report) == 4 and set(report.values()) == {"ghost"}, report
-    assert inspect.signature(linen_update).parameters["stats"].default == "ghost"  # the linen helper alike
+    assert inspect.signature(linen_update).parameters["method"].default == "ghost"  # the linen helper alike

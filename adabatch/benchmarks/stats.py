@@ -42,6 +42,9 @@ from adabatch.stats import ghost_report, grad_stats, inner_products
 __all__ = ["JAX_METHODS", "TORCH_METHODS", "add_arguments", "execute", "main", "run", "write_section"]
 
 SECTION = "## Per-example statistics"
+# glibc's settings that keep freed memory in the process: set both, and XLA's temporaries are not page-faulted anew on
+# every call (on the benchmark VM that cost as much as the arithmetic; see docs/benchmarks.md)
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 MODELS = ("mlp", "cnn", "lm", "embed", "conv1d", "seq5", "nnx")
 DEFAULT_SIZES = (64, 128, 256, 512, 1024)
 QUICK_SIZES = (16,)
@@ -249,7 +252,7 @@ def _torch_model(problem: dict):
             scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-            return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+            return self.out((weights @ v).transpose(1, 2).contiguous().view(b, t, d))
 
     class Block(nn.Module):
         def __init__(self, d: int, heads: int):
@@ -270,7 +273,7 @@ def _torch_model(problem: dict):
             self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 256)
 
         def forward(self, tokens):
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            positions = torch.arange(tokens.shape[1], device=tokens.device).repeat(tokens.shape[0], 1)
             return self.head(self.ln(self.blocks(self.embed(tokens) + self.positions(positions))))
 
     class Probe(nn.Module):
@@ -295,7 +298,7 @@ def _torch_model(problem: dict):
             if self.name == "conv1d":
                 return self.head(torch.relu(self.conv(x.transpose(1, 2))).mean(2))
             h = self.norm(torch.relu(self.dense(self.embed(x))))
-            return self.head(torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2))
+            return self.head(torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2).contiguous())
 
     name, quick = problem["name"], problem["quick"]
     if name in ("embed", "conv1d", "seq5"):
@@ -504,10 +507,10 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
         f", torch {sys.modules['torch'].__version__}" if "torch" in sys.modules else ""
     )
     parts = [
-        SECTION,
+        heading(),
         "",
         f"Command: `{command}`. Machine: {cpu}, {os.cpu_count()} cores, JAX backend "
-        f"{jax.default_backend().upper()}; {versions}.",
+        f"{jax.default_backend().upper()}; {versions}; glibc malloc: {allocator() or 'default settings'}.",
         "",
         "Time: median of jit-compiled calls after a warm-up (`block_until_ready`; the methods of one model and batch "
         "size are interleaved round by round), as a ratio to a plain gradient step (`jax.grad` of the mean loss) of "
@@ -542,9 +545,20 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
     return "\n".join(parts)
 
 
+def allocator() -> str:
+    """How glibc's allocator was told to behave (the :data:`ALLOCATOR_ENV` variables that are set), or ``""``."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ)
+
+
+def heading() -> str:
+    """``## Per-example statistics``, plus ``, resident heap`` when :func:`allocator` is not empty: the two runs
+    stand side by side in docs/benchmarks.md."""
+    return SECTION + (", resident heap" if allocator() else "")
+
+
 def write_section(path: str, text: str) -> None:
-    """Replace (or append) the ``## Per-example statistics`` section of ``path``; other sections stay untouched."""
-    replace_section(path, SECTION, text)
+    """Replace (or append) this run's section (:func:`heading`) of ``path``; other sections stay untouched."""
+    replace_section(path, heading(), text)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -556,6 +570,8 @@ def execute(args: argparse.Namespace) -> int:
         raise SystemExit(f"--models must be a subset of {','.join(MODELS)} and --sizes at least 2; got {args}")
     results, notes = run(models, sizes, quick=args.quick, repeats=2 if args.quick else 5, torch_peers=not args.no_torch)
     command = "adabatch bench stats" + (" --quick" if args.quick else "")
+    if allocator():
+        command = " ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ) + " " + command
     if args.models != ",".join(MODELS):
         command += f" --models {args.models}"
     if args.sizes:

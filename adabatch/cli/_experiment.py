@@ -82,7 +82,12 @@ def _register_variable_batch(experiments: argparse._SubParsersAction, name: str)
     parser = experiments.add_parser(
         name, help=help_text, description=(module.__doc__ or "").split("\n\n")[0] + " See docs/experiments.md."
     )
-    parser.add_argument("--data", choices=module.DATASETS, default="digits", help="digits (MLP) or text (LM)")
+    parser.add_argument(
+        "--data",
+        choices=module.DATASETS,
+        default="digits",
+        help="digits (MLP), digits-cnn (the CNN; adadagrad only) or text (LM)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny protocol that runs in seconds (for tests)")
     parser.add_argument("--out", type=output_dir, default=None, help=f"output folder (default results/{name}-<data>)")
     parser.add_argument("--seeds", type=at_least(2), default=None, help="override the number of evaluation seeds")

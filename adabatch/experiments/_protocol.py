@@ -23,6 +23,7 @@ __all__ = [
     "SeedData",
     "final_val_loss",
     "finish",
+    "journal_path",
     "progress",
     "reanalyse",
     "run_arms",
@@ -55,6 +56,9 @@ def finish(result: dict[str, Any], report: ModuleType, start: float, out: str | 
     result["elapsed_s"] = time.time() - start
     if out is not None:
         write(result, out, report)
+        journal = journal_path(out)
+        if journal is not None and journal.exists():
+            journal.unlink()
     return result
 
 
@@ -119,18 +123,59 @@ def run_arms(
     protocol: Any,
     enabled: bool,
     desc: str,
+    journal: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`tune_and_run` every arm (``bind(arm)`` gives its ``run_one``) on the learning rates
-    ``protocol.lrs(arm.optimizer)``, with ``protocol.tuning_seeds`` and ``protocol.seeds``, under one progress bar."""
-    total = sum(len(protocol.lrs(arm.optimizer)) * protocol.tuning_seeds + protocol.seeds for arm in arms)
-    tick, close = progress(total, enabled, desc)
+    ``protocol.lrs(arm.optimizer)``, with ``protocol.tuning_seeds`` and ``protocol.seeds``, under one progress bar.
+
+    With a ``journal`` path, each finished arm is appended to it (one JSON line, tagged with the protocol), and arms
+    already there for the same protocol are read back instead of being run again: an interrupted experiment resumes
+    where it stopped (runs are deterministic per seed, so the result is the same). :func:`finish` removes it."""
+    per_arm = {id(arm): len(protocol.lrs(arm.optimizer)) * protocol.tuning_seeds + protocol.seeds for arm in arms}
+    tick, close = progress(sum(per_arm.values()), enabled, desc)
+    tag = json.dumps(json_safe(dataclasses.asdict(protocol)), sort_keys=True)
+    done = _journal_entries(journal, tag)
+    results = []
     try:
-        return [
-            tune_and_run(bind(arm), arm, protocol.lrs(arm.optimizer), protocol.tuning_seeds, protocol.seeds, tick)
-            for arm in arms
-        ]
+        for arm in arms:
+            key = repr(arm)
+            if key in done:
+                results.append(done[key])
+                for _ in range(per_arm[id(arm)]):
+                    tick()
+                continue
+            lrs = protocol.lrs(arm.optimizer)
+            entry = tune_and_run(bind(arm), arm, lrs, protocol.tuning_seeds, protocol.seeds, tick)
+            results.append(entry)
+            if journal is not None:
+                Path(journal).parent.mkdir(parents=True, exist_ok=True)
+                with open(journal, "a", encoding="utf-8") as f:
+                    line = {"protocol": tag, "arm": key, "entry": json_safe(entry)}
+                    f.write(json.dumps(line, allow_nan=False) + "\n")
+        return results
     finally:
         close()
+
+
+def _journal_entries(journal: str | Path | None, tag: str) -> dict[str, dict]:
+    """The arms recorded in ``journal`` for the protocol ``tag`` (a torn last line, from a kill mid-write, is
+    skipped)."""
+    if journal is None or not Path(journal).is_file():
+        return {}
+    done = {}
+    for line in Path(journal).read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if item.get("protocol") == tag:
+            done[item["arm"]] = item["entry"]
+    return done
+
+
+def journal_path(out: str | Path | None) -> Path | None:
+    """Where :func:`run_arms` keeps its journal for an output folder ``out`` (None without one)."""
+    return None if out is None else Path(out) / "arms.partial.jsonl"
 
 
 def progress(total: int, enabled: bool, desc: str) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -16,6 +16,11 @@ test suits coordinate-wise AdaGrad. This experiment runs the protocol of the aut
 * AdaGrad with ``torch.optim.Adagrad`` semantics (v₀ = 0, ε = 1e-10 outside the square root), as
   :func:`adabatch.adagrad`.
 
+``data="digits-cnn"`` runs it on the digits CNN of the benchmarks (the authors' MNIST model is a CNN) with fewer
+arms, since the CNN costs several times the MLP per example: fixed batches 8, 32, 128, 512, a warm-up doubling every
+64 steps, no AdaScale, the norm, inner-product and noise-scale rules at η ∈ {0.1, 1, 2}, every other learning rate
+of the grid and one tuning seed. ``data="text"`` runs the pydoc-text transformer LM for one epoch (cap 512).
+
 The data set size does not transpose, so the cap and the budget are stated relative to it (the whole training set;
 epochs). 288 of the 1,438 digits training examples are held out as a validation set that tunes the learning rates;
 the 359 test examples are only reported.
@@ -75,7 +80,7 @@ __all__ = [
     "write",
 ]
 
-DATASETS = ("digits", "text")
+DATASETS = ("digits", "digits-cnn", "text")
 OPTIMIZERS = ("adagrad", "adagrad_norm")
 RULES = ("norm", "inner_product", "augmented_inner_product", "coordinate_norm", "noise_scale")
 AUTHORS_CONSTANT = 0.1  # η of expt.sh (MNIST); θ = ν = 0.1 are the command-line defaults of main.py
@@ -150,6 +155,11 @@ def default_protocol(data: str = "digits", quick: bool = False) -> Protocol:
                         learning_rates=tuple((k, v[2:6:3]) for k, v in lrs), tuning_seeds=1, seeds=2, sample_evals=4,
                         width=8, target_tolerance=0.05, rules=("norm",), optimizers=("adagrad_norm",),
                         train_examples=128)  # fmt: skip
+    if data == "digits-cnn":  # the CNN costs ~6x the MLP per example: fewer arms, the same budget and seeds
+        return Protocol(data, epochs=40, init_batch_size=8, fixed_batch_sizes=(8, 32, 128, 512), warmup_periods=(64,),
+                        adascale_batch_sizes=(), constants=(AUTHORS_CONSTANT, 1.0, 2.0),
+                        learning_rates=tuple((k, v[1::2]) for k, v in lrs), tuning_seeds=1, seeds=5, sample_evals=20,
+                        width=0, target_tolerance=0.005, rules=("norm", "inner_product", "noise_scale"))  # fmt: skip
     if data == "digits":
         return Protocol(data, epochs=40, init_batch_size=8, fixed_batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024),
                         warmup_periods=(16, 64, 256), adascale_batch_sizes=(64, 512),
@@ -163,15 +173,17 @@ def default_protocol(data: str = "digits", quick: bool = False) -> Protocol:
 
 
 def problem(data: str, width: int, train_examples: int = 0, noise_examples: int = 0) -> Problem:
-    """The digits MLP (one hidden layer of ``width``) or the pydoc-text transformer LM, with the validation split
+    """The digits MLP (one hidden layer of ``width``), the digits CNN (:class:`adabatch.flax.models.CNN`, two 3×3
+    convolutions of 16 and 32 channels) or the pydoc-text transformer LM, with the validation split
     (and only the first ``train_examples`` training examples when positive; B_simple measured on the first
     ``noise_examples``)."""
     from adabatch.datasets import load_digits, load_text
-    from adabatch.flax.models import MLP, TransformerLM, classification_loss, language_model_loss
+    from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
 
-    if data == "digits":
+    digits = data.startswith("digits")
+    if digits:
         split, n_val = load_digits(), 288
-        model: Any = MLP(features=(width,))
+        model: Any = CNN() if data == "digits-cnn" else MLP(features=(width,))
         loss_fn = classification_loss(model.apply)
     else:
         split, n_val = load_text(seq_len=32), 512
@@ -187,7 +199,7 @@ def problem(data: str, width: int, train_examples: int = 0, noise_examples: int 
 
     def evaluate(params):
         val_loss = jnp.mean(loss_fn(params, val))
-        if data == "digits":
+        if digits:
             return {"test": accuracy(params, test), "val_loss": val_loss, "val_metric": accuracy(params, val)}
         return {"test": jnp.mean(loss_fn(params, test)), "val_loss": val_loss, "val_metric": val_loss}
 
@@ -198,8 +210,8 @@ def problem(data: str, width: int, train_examples: int = 0, noise_examples: int 
         x=x,
         y=y,
         evaluate=evaluate,
-        higher_is_better=data == "digits",
-        metric="test accuracy" if data == "digits" else "held-out loss",
+        higher_is_better=digits,
+        metric="test accuracy" if digits else "held-out loss",
         noise_examples=noise_examples,
     )
 
@@ -324,7 +336,9 @@ def run(
     prob = problem(protocol.data, protocol.width, protocol.train_examples, protocol.noise_examples)
     runner = _Runner(protocol, prob)
     all_arms = arms(protocol)
-    results = _protocol.run_arms(all_arms, lambda arm: _bind(runner, arm), protocol, progress, "adadagrad experiment")
+    journal = _protocol.journal_path(out)
+    bind = lambda arm: _bind(runner, arm)  # noqa: E731
+    results = _protocol.run_arms(all_arms, bind, protocol, progress, "adadagrad experiment", journal)
     result: dict[str, Any] = {
         "experiment": "adadagrad",
         "command": command or f"adabatch experiment adadagrad --data {protocol.data}" + (" --quick" if quick else ""),

@@ -333,7 +333,9 @@ def run(
     prob = problem(protocol.data, protocol.width, protocol.train_examples)
     runner = _Runner(protocol, prob)
     all_arms = arms(protocol)
-    results = _protocol.run_arms(all_arms, lambda arm: _bind(runner, arm), protocol, progress, "optimizers experiment")
+    journal = _protocol.journal_path(out)
+    bind = lambda arm: _bind(runner, arm)  # noqa: E731
+    results = _protocol.run_arms(all_arms, bind, protocol, progress, "optimizers experiment", journal)
     default = f"adabatch experiment optimizers --data {protocol.data}" + (" --quick" if quick else "")
     result: dict[str, Any] = {
         "experiment": "optimizers",

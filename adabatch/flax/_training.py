@@ -74,6 +74,14 @@ class LinenTrainState(train_state.TrainState):
         return next_batch_size(self.opt_state)
 
 
+def _method(where: str, method: str, stats: str | None) -> str:
+    """``method``, or the deprecated ``stats=`` when given (with its warning)."""
+    if stats is None:
+        return method
+    _deprecation.warn(f"{where}(stats=...)", f"{where}(method=...)", stacklevel=4)
+    return stats
+
+
 def _stats_and_loss(loss_fn, params, batch, tx, opt_state, method, sq_sum, inner_sq_sum, mask):
     sq_sum, inner_sq_sum = required_statistics(tx, params, opt_state, sq_sum=sq_sum, inner_sq_sum=inner_sq_sum)
     stats, losses = st.grad_stats(
@@ -98,10 +106,11 @@ def linen_update(
     loss_fn: Callable[[Any, Any], jax.Array],
     batch: Any,
     *,
-    stats: str = "ghost",
+    method: str = "ghost",
     sq_sum: bool | None = None,
     inner_sq_sum: bool | None = None,
     mask: jax.Array | None = None,
+    stats: str | None = None,
 ) -> tuple[LinenTrainState, dict[str, jax.Array]]:
     """One update of a linen :class:`LinenTrainState` on ``batch`` with per-example statistics.
 
@@ -109,18 +118,21 @@ def linen_update(
       state: the train state.
       loss_fn: per-example loss ``loss_fn(params, batch) -> (b,)`` (e.g. from :func:`per_example_loss`).
       batch: the batch.
-      stats: the :func:`adabatch.grad_stats` method. The default ``"ghost"`` takes the exact ghost statistics of
-        the captured Flax layers (linen and NNX: dense, convolution, embedding, normalisation, einsum) at about
-        the cost of a plain gradient, and per-example gradients (vmap) for any other parameter; pass ``"vmap"``
-        for a ``loss_fn`` that hides its layer calls (e.g. wrapped in ``jax.jit``).
+      method: the :func:`adabatch.grad_stats` method (the name :func:`adabatch.make_train_step` uses). The default
+        ``"ghost"`` takes the exact ghost statistics of the captured Flax layers (linen and NNX: dense,
+        convolution, embedding, normalisation, einsum) at about the cost of a plain gradient, and per-example
+        gradients (vmap) for any other parameter; pass ``"vmap"`` for a ``loss_fn`` that hides its layer calls
+        (e.g. wrapped in ``jax.jit``).
       sq_sum, inner_sq_sum: optional statistics; None infers what ``state.tx`` needs.
       mask: optional ``(b,)`` weights in {0, 1}; rows with weight 0 (padding to a fixed shape) are ignored.
+      stats: deprecated name of ``method`` (removed in the next release).
 
     Returns:
       The new state and ``{"loss", "batch_size"}`` (the batch size used).
     """
+    method = _method("linen_update", method, stats)
     grad_stats, loss = _stats_and_loss(
-        loss_fn, state.params, batch, state.tx, state.opt_state, stats, sq_sum, inner_sq_sum, mask
+        loss_fn, state.params, batch, state.tx, state.opt_state, method, sq_sum, inner_sq_sum, mask
     )
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(jnp.result_type(p)), grad_stats.mean, state.params)
     new = state.apply_gradients(grads=grads, grad_stats=grad_stats, batch_size=grad_stats.count, value=loss)
@@ -133,10 +145,11 @@ def nnx_update(
     loss_fn: Callable[[Any, Any], jax.Array],
     batch: Any,
     *,
-    stats: str = "ghost",
+    method: str = "ghost",
     sq_sum: bool | None = None,
     inner_sq_sum: bool | None = None,
     mask: jax.Array | None = None,
+    stats: str | None = None,
 ) -> dict[str, jax.Array]:
     """One update of an NNX ``model`` with a stock ``nnx.Optimizer`` (in place, as NNX does).
 
@@ -149,12 +162,14 @@ def nnx_update(
       optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
       loss_fn: per-example loss ``loss_fn(params, batch) -> (b,)`` (e.g. ``per_example_loss(model, ...)``).
       batch: the batch.
-      stats: the :func:`adabatch.grad_stats` method. The default ``"ghost"`` takes the exact ghost statistics of
-        the captured Flax layers (linen and NNX: dense, convolution, embedding, normalisation, einsum) at about
-        the cost of a plain gradient, and per-example gradients (vmap) for any other parameter; pass ``"vmap"``
-        for a ``loss_fn`` that hides its layer calls (e.g. wrapped in ``jax.jit``).
+      method: the :func:`adabatch.grad_stats` method (the name :func:`adabatch.make_train_step` uses). The default
+        ``"ghost"`` takes the exact ghost statistics of the captured Flax layers (linen and NNX: dense,
+        convolution, embedding, normalisation, einsum) at about the cost of a plain gradient, and per-example
+        gradients (vmap) for any other parameter; pass ``"vmap"`` for a ``loss_fn`` that hides its layer calls
+        (e.g. wrapped in ``jax.jit``).
       sq_sum, inner_sq_sum: optional statistics; None infers what ``optimizer.tx`` needs.
       mask: optional ``(b,)`` weights in {0, 1}; rows with weight 0 (padding to a fixed shape) are ignored.
+      stats: deprecated name of ``method`` (removed in the next release).
 
     Returns:
       ``{"loss", "batch_size"}``.
@@ -175,8 +190,9 @@ def nnx_update(
     """
     params = nnx_params(model, optimizer.wrt)
     opt_state = nnx.as_pure(optimizer.opt_state)
+    method = _method("nnx_update", method, stats)
     grad_stats, loss = _stats_and_loss(
-        loss_fn, params, batch, optimizer.tx, opt_state, stats, sq_sum, inner_sq_sum, mask
+        loss_fn, params, batch, optimizer.tx, opt_state, method, sq_sum, inner_sq_sum, mask
     )
     variables = nnx.state(model, optimizer.wrt)
     grads = jax.tree_util.tree_map(

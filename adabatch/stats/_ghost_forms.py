@@ -315,12 +315,13 @@ def linear_stats(form: str, a: jax.Array, d: jax.Array, shape: tuple, sq_sum: bo
     a3 = jnp.swapaxes(a, 1, 2).reshape(b * groups, t, k_in)  # (b·G, T, I)
     d3 = jnp.swapaxes(d, 1, 2).reshape(b * groups, t, k_out)
     if form == "direct":  # the per-example products replace the batch product: the mean is their sum
+        # (in chunks of examples under a scan, as the segment form, it was no faster here: the patches are already
+        # materialised, and the scan adds its steps)
         g = jnp.einsum("nti,nto->nio", a3, d3).reshape(b, groups, k_in, k_out)
         flat = g.reshape(b, -1)  # (b, G·I·O) in the (G, I, O) layout
         s2 = to_leaf(jnp.sum(jnp.square(g), 0)) if sq_sum else None
-        return LeafStats(
-            to_leaf(jnp.sum(g, 0)), jnp.sum(jnp.square(flat), 1), s2, lambda mean: flat @ from_leaf(mean).reshape(-1)
-        )
+        inner = lambda mean: flat @ from_leaf(mean).reshape(-1)  # noqa: E731
+        return LeafStats(to_leaf(jnp.sum(g, 0)), jnp.sum(jnp.square(flat), 1), s2, inner)
     if groups == 1:
         s1 = to_leaf(jnp.einsum("nti,nto->io", a3, d3)[None])
     else:
@@ -357,10 +358,32 @@ def embed_stats(form: str, ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: b
     return LeafStats(s1, jnp.sum(same * jnp.einsum("btf,bsf->bts", d, d), (1, 2)), None, rows_inner)
 
 
-def _embed_chunk() -> int:
-    """Examples per step of the segment form's scan: one on CPU (its rows and table stay in cache), a vectorised
-    chunk on accelerators (where each scan step is a kernel launch)."""
-    return 1 if jax.default_backend() == "cpu" else 64
+# On CPU the segment form runs over chunks of examples whose working set fits this many bytes (in cache: no page
+# faults on fresh buffers; on the embedding probe one vectorised step was best up to about this size, and one example
+# per step beyond it was within the noise of chunks of 32-64)
+WORKING_SET_BYTES = 2**22
+
+
+def example_chunk(b: int, per_example: int, accelerator: int | None = None) -> int:
+    """Examples per step when a form with ``per_example`` elements (float32) of working set per example runs over
+    the ``b`` examples in a scan: on CPU the largest power of two whose chunk fits :data:`WORKING_SET_BYTES` (at
+    least one; all ``b`` when the whole batch fits, one step); on accelerators, where each scan step is a kernel
+    launch, ``accelerator`` (all ``b`` when None)."""
+    if jax.default_backend() != "cpu":
+        return b if accelerator is None else max(1, min(b, accelerator))
+    fits = max(1, WORKING_SET_BYTES // (4 * max(per_example, 1)))
+    return b if fits >= b else 1 << (fits.bit_length() - 1)
+
+
+def scan_examples(step: Callable, init: Any, xs: tuple, b: int, chunk: int) -> tuple[Any, jax.Array]:
+    """``lax.scan`` of ``step(carry, chunk_of_xs) -> (carry, (chunk,) values)`` over ``xs`` (arrays with ``b``
+    leading examples) in chunks of ``chunk``; the tail is padded with zeros (already-weighted inputs: padding adds
+    nothing). Returns the final carry and the ``(b,)`` per-example values."""
+    steps = -(-b // chunk)
+    pad = steps * chunk - b
+    chunks = tuple(jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(steps, chunk, *x.shape[1:]) for x in xs)
+    carry, values = jax.lax.scan(step, init, chunks)
+    return carry, values.reshape(-1)[:b]
 
 
 def segment_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool, rows_inner: Callable) -> LeafStats:
@@ -371,15 +394,11 @@ def segment_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool, rows
     only entries written for this example are read, so the table is never cleared). The :math:`T` gradients are
     then scatter-added into :math:`T` rows at their representatives (the non-zero rows are :math:`g_i`'s rows), so
     :math:`\lVert g_i\rVert^2` is the sum of the squared rows and :math:`S_2` a scatter of the squared rows at the
-    ids. The examples run in chunks (one at a time on CPU) under ``lax.scan`` with the table, the mean and
+    ids. The examples run in chunks (:func:`example_chunk`) under ``lax.scan`` with the table, the mean and
     :math:`S_2` in the carry: no :math:`T\times T`, no per-example :math:`V\times e`, no sort."""
     b, t = ids.shape
     vocab, features = shape
-    chunk = min(_embed_chunk(), b)
-    steps = -(-b // chunk)
-    pad = steps * chunk - b
-    ids_c = jnp.pad(ids, ((0, pad), (0, 0))).reshape(steps, chunk, t)
-    d_c = jnp.pad(d, ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, t, features)  # padded examples add zeros
+    chunk = example_chunk(b, t * features + vocab, accelerator=64)  # (chunk, V) tables: bounded on accelerators
     positions = jnp.broadcast_to(jnp.arange(t, dtype=ids.dtype), (chunk, t))
     rows_of = jnp.arange(chunk)[:, None]
 
@@ -399,5 +418,5 @@ def segment_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool, rows
         jnp.zeros(shape, d.dtype),
         jnp.zeros(shape, d.dtype) if sq_sum else None,
     )
-    (_, s1, s2), sq = jax.lax.scan(step, init, (ids_c, d_c))
-    return LeafStats(s1, sq.reshape(-1)[:b], s2, rows_inner)
+    (_, s1, s2), sq = scan_examples(step, init, (ids, d), b, chunk)
+    return LeafStats(s1, sq, s2, rows_inner)
