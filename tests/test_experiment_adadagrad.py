@@ -200,7 +200,8 @@ def test_cnn_problem_is_the_digits_cnn_with_a_smaller_protocol():
     metrics = jax.jit(prob.evaluate)(params)
     assert 0.0 <= float(metrics["test"]) <= 1.0  # an accuracy
     cnn, mlp = adadagrad.default_protocol("digits-cnn"), adadagrad.default_protocol("digits")
-    assert len(adadagrad.arms(cnn)) < len(adadagrad.arms(mlp)) and cnn.seeds >= 5 and cnn.epochs == mlp.epochs
+    assert len(adadagrad.arms(cnn)) < len(adadagrad.arms(mlp)) and cnn.seeds >= 5
+    assert cnn.rules == ("norm", "noise_scale") and cnn.epochs == 20
 
 
 def test_an_interrupted_experiment_resumes_from_its_journal(tmp_path):
