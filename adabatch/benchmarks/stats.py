@@ -1,11 +1,11 @@
 """Benchmark the per-example statistics producers against a plain gradient step, and against PyTorch peers.
 
-For six models — an MLP 784-512-512-10 (scikit-learn digits upsampled to 28×28), ``adabatch.flax.models.CNN``
+For seven models — an MLP 784-512-512-10 (scikit-learn digits upsampled to 28×28), ``adabatch.flax.models.CNN``
 on the 8×8 digits, a small ``TransformerLM`` on ``pydoc_data.topics`` bytes, and three layer-type probes on 64
 tokens of the same bytes (``embed``: an ``Embed(97, 128)`` whose mean over tokens feeds a 10-way head;
 ``conv1d``: a 1-D ``Conv(128, (3,))`` over 64 positions of 32 channels, mean-pooled into a 10-way head;
-``seq5``: Embed(97, 128) → Dense(128) → LayerNorm → Conv1D(128, 3) → Dense(97), a next-token loss) — and batch
-sizes ``B``, it times
+``seq5``: Embed(97, 128) → Dense(128) → LayerNorm → Conv1D(128, 3) → Dense(97), a next-token loss; ``nnx``: the
+transformer LM written with Flax NNX layers) — and batch sizes ``B``, it times
 every method (median of jit-compiled calls after a warm-up, ``block_until_ready``, methods interleaved round by
 round) and measures its memory (XLA's compiled ``memory_analysis()``: temporary + output bytes, deterministic), and
 reports both as ratios to a plain gradient step (``jax.grad`` of the mean loss) measured in the same run. The
@@ -13,7 +13,9 @@ PyTorch peers (``torch.func`` vmap per-sample gradients, BackPACK ``BatchL2Grad`
 grad samples and Opacus ghost-clipping norms) run in the same process when installed (the ``bench`` extra) and are
 timed against a plain PyTorch ``backward()`` of the equivalent model.
 
-The section also lists the form the ghost cost model chose for each layer (``ghost_report``).
+The section also lists the form the ghost cost model chose for each layer (``ghost_report``). Run with glibc's
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set (freed memory stays in the process, so XLA's
+temporaries are not page-faulted anew on every call), it writes a separate ``, resident heap`` section.
 
 Run ``adabatch bench stats [--quick] [--out docs/benchmarks.md]`` or ``python -m adabatch.benchmarks.stats``.
 """
@@ -39,7 +41,18 @@ from adabatch.datasets import load_digits, load_text
 from adabatch.flax.models import CNN, MLP, TransformerLM, classification_loss, language_model_loss
 from adabatch.stats import ghost_report, grad_stats, inner_products
 
-__all__ = ["JAX_METHODS", "TORCH_METHODS", "add_arguments", "execute", "main", "run", "write_section"]
+__all__ = [
+    "ALLOCATOR_ENV",
+    "JAX_METHODS",
+    "TORCH_METHODS",
+    "add_arguments",
+    "allocator",
+    "execute",
+    "heading",
+    "main",
+    "run",
+    "write_section",
+]
 
 SECTION = "## Per-example statistics"
 # glibc's settings that keep freed memory in the process: set both, and XLA's temporaries are not page-faulted anew on
@@ -546,18 +559,18 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
 
 
 def allocator() -> str:
-    """How glibc's allocator was told to behave (the :data:`ALLOCATOR_ENV` variables that are set), or ``""``."""
+    """How glibc's allocator was told to behave (the ``ALLOCATOR_ENV`` variables that are set), or ``""``."""
     return ", ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ)
 
 
 def heading() -> str:
-    """``## Per-example statistics``, plus ``, resident heap`` when :func:`allocator` is not empty: the two runs
+    """``## Per-example statistics``, plus ``, resident heap`` when ``allocator()`` is not empty: the two runs
     stand side by side in docs/benchmarks.md."""
     return SECTION + (", resident heap" if allocator() else "")
 
 
 def write_section(path: str, text: str) -> None:
-    """Replace (or append) this run's section (:func:`heading`) of ``path``; other sections stay untouched."""
+    """Replace (or append) this run's section (``heading()``) of ``path``; other sections stay untouched."""
     replace_section(path, heading(), text)
 
 

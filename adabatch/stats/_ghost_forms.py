@@ -366,7 +366,7 @@ WORKING_SET_BYTES = 2**22
 
 def example_chunk(b: int, per_example: int, accelerator: int | None = None) -> int:
     """Examples per step when a form with ``per_example`` elements (float32) of working set per example runs over
-    the ``b`` examples in a scan: on CPU the largest power of two whose chunk fits :data:`WORKING_SET_BYTES` (at
+    the ``b`` examples in a scan: on CPU the largest power of two whose chunk fits ``WORKING_SET_BYTES`` (at
     least one; all ``b`` when the whole batch fits, one step); on accelerators, where each scan step is a kernel
     launch, ``accelerator`` (all ``b`` when None)."""
     if jax.default_backend() != "cpu":
@@ -394,7 +394,7 @@ def segment_stats(ids: jax.Array, d: jax.Array, shape: tuple, sq_sum: bool, rows
     only entries written for this example are read, so the table is never cleared). The :math:`T` gradients are
     then scatter-added into :math:`T` rows at their representatives (the non-zero rows are :math:`g_i`'s rows), so
     :math:`\lVert g_i\rVert^2` is the sum of the squared rows and :math:`S_2` a scatter of the squared rows at the
-    ids. The examples run in chunks (:func:`example_chunk`) under ``lax.scan`` with the table, the mean and
+    ids. The examples run in chunks (``example_chunk``) under ``lax.scan`` with the table, the mean and
     :math:`S_2` in the carry: no :math:`T\times T`, no per-example :math:`V\times e`, no sort."""
     b, t = ids.shape
     vocab, features = shape
