@@ -558,9 +558,10 @@ def render(results: list[dict], notes: list[str], command: str, conclusion: str 
     return "\n".join(parts)
 
 
-def allocator() -> str:
-    """How glibc's allocator was told to behave (the ``ALLOCATOR_ENV`` variables that are set), or ``""``."""
-    return ", ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ)
+def allocator(separator: str = ", ") -> str:
+    """How glibc's allocator was told to behave: the ``ALLOCATOR_ENV`` variables that are set, as ``NAME=value``
+    joined by ``separator`` (``""`` when none is)."""
+    return separator.join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ)
 
 
 def heading() -> str:
@@ -584,7 +585,7 @@ def execute(args: argparse.Namespace) -> int:
     results, notes = run(models, sizes, quick=args.quick, repeats=2 if args.quick else 5, torch_peers=not args.no_torch)
     command = "adabatch bench stats" + (" --quick" if args.quick else "")
     if allocator():
-        command = " ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if k in os.environ) + " " + command
+        command = f"{allocator(' ')} {command}"
     if args.models != ",".join(MODELS):
         command += f" --models {args.models}"
     if args.sizes:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from adabatch.experiments._io import save_figure
+
 __all__ = ["analyse", "fit_mcCandlish", "plot", "reach", "smoothed", "summary"]
 
 
@@ -373,7 +375,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     entries = {e["arm"]["name"]: e for e in result["arms"]}
     first = protocol["constants"][0]
     budget = protocol["epochs"] * result["training_examples"]
-    files = []
+    files: list[str] = []
     for optimizer in protocol["optimizers"]:
         target = analysis["targets"].get(optimizer)
         fixed = [f"fixed-{b}/{optimizer}" for b in protocol["fixed_batch_sizes"]]
@@ -401,10 +403,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
             axes[0].set_ylim(max(0.0, target - 0.25), min(1.0, target + 0.05))
         axes[0].legend(fontsize=7, ncol=2)
         fig.suptitle(f"{optimizer} on {protocol['data']}: {result['metric']} against steps and samples")
-        fig.tight_layout()
-        files.append(f"curves_{optimizer}.png")
-        fig.savefig(out / files[-1], dpi=90)
-        plt.close(fig)
+        save_figure(fig, out, f"curves_{optimizer}.png", files)
 
         rules = [r for r in protocol["rules"] if f"{r}(η={first:g})/{optimizer}" in entries]
         ncols = min(len(rules), 3)
@@ -432,10 +431,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
             ax.set_ylabel("batch size (solid)\nB_simple/η² (dotted)")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{optimizer}: batch-size trajectories (seed 0); dashed: the cap")
-        fig.tight_layout()
-        files.append(f"batch_{optimizer}.png")
-        fig.savefig(out / files[-1], dpi=90)
-        plt.close(fig)
+        save_figure(fig, out, f"batch_{optimizer}.png", files)
 
         rows = [a for a in analysis["arms"] if a["optimizer"] == optimizer and a["reached"] == a["seeds"]]
         fig, ax = plt.subplots(figsize=(6.8, 5))
@@ -460,8 +456,5 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(f"pareto_{optimizer}.png")
-        fig.savefig(out / files[-1], dpi=90)
-        plt.close(fig)
+        save_figure(fig, out, f"pareto_{optimizer}.png", files)
     return files

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from adabatch.experiments._io import save_figure
 from adabatch.experiments.lr_vs_batch import fit_power_law
 
 __all__ = ["analyse", "plot", "summary"]
@@ -275,7 +276,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
     for data, d in result["analysis"].items():
         sizes = np.array(d["batch_sizes"])
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -295,10 +296,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         axes[0].set(xscale="log", yscale="log", xlabel="batch size B", ylabel="λ_max(H_B)", title=f"{data}: λ_max")
         axes[1].set(xscale="log", yscale="log", xlabel="batch size B", ylabel="−λ_min(H_B)", title=f"{data}: |λ_min|")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        files.append(f"eigenvalues_{data}.png")
-        fig.savefig(out / files[-1], dpi=90)
-        plt.close(fig)
+        save_figure(fig, out, f"eigenvalues_{data}.png", files)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         ref = result["lr_vs_batch"].get(data, {})
@@ -320,10 +318,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
                 ax.plot(b, lr_star, "ks--", ms=4, lw=1, label="lr-vs-batch optimal lr")
             ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="learning rate", title=f"{data}: {opt}")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(f"learning_rates_{data}.png")
-        fig.savefig(out / files[-1], dpi=90)
-        plt.close(fig)
+        save_figure(fig, out, f"learning_rates_{data}.png", files)
     return files
 
 

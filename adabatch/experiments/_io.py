@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["json_safe", "machine"]
+__all__ = ["json_safe", "machine", "save_figure"]
 
 
 def json_safe(node: Any) -> Any:
@@ -38,3 +39,14 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
     }
+
+
+def save_figure(fig: Any, out: Path, name: str, files: list[str]) -> None:
+    """Lay out a matplotlib ``fig``, write it to ``out / name`` (PNG, 90 dpi), append ``name`` to ``files`` (the
+    plots a report lists) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    files.append(name)
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from adabatch.experiments._adadagrad_report import _batch_summary, _geometric, _interval, reach, smoothed
+from adabatch.experiments._io import save_figure
 
 __all__ = ["CLAIMS", "VERDICTS", "analyse", "claims", "lr_span", "paired_difference", "plot", "summary"]
 
@@ -384,7 +385,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     optimizers = [o for o in protocol["optimizers"] if any(a["optimizer"] == o for a in analysis["arms"])]
     colors = dict(zip(optimizers, plt.cm.tab20(np.linspace(0, 1, max(len(optimizers), 2))), strict=False))
     batchings = [b for b in protocol["batchings"] if any(a["batching"] == b for a in analysis["arms"])]
-    files = []
+    files: list[str] = []
 
     fig, ax = plt.subplots(figsize=(11, 4.2))
     width = 0.8 / len(batchings)
@@ -402,10 +403,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     ax.set(ylabel=f"final {result['metric']} (95% CI)", title=f"final {result['metric']} on {protocol['data']}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append("final.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "final.png", files)
 
     budget = protocol["epochs"] * result["training_examples"]
     fig, axes = plt.subplots(len(batchings), 2, figsize=(12, 3.8 * len(batchings)), sharey=True, squeeze=False)
@@ -427,10 +425,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         if result["higher_is_better"]:
             ax_steps.set_ylim(max(0.0, analysis["target"] - 0.2), min(1.0, analysis["target"] + 0.04))
         ax_steps.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append("curves.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "curves.png", files)
 
     fig, axes = plt.subplots(1, len(batchings), figsize=(5.2 * len(batchings), 4), sharey=True, squeeze=False)
     for ax, batching in zip(axes[0], batchings, strict=True):
@@ -443,10 +438,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss (tuning seeds)")
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append("lr.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "lr.png", files)
 
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for name, entry in entries.items():
@@ -462,8 +454,5 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    files.append("batch.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "batch.png", files)
     return files

@@ -43,7 +43,7 @@ import optax
 
 from adabatch import stats as st
 from adabatch.curvature import ModelLoss
-from adabatch.experiments._io import json_safe, machine
+from adabatch.experiments._io import json_safe, machine, save_figure
 from adabatch.optimizers import ScaleByBeliefState
 from adabatch.stats import grad_stats
 
@@ -482,7 +482,7 @@ def _plot(result: dict[str, Any], out: Path) -> list[str]:
     mean = np.array(result["losses"]).mean(1)
     opt = result["optimal"]
     colors = plt.cm.viridis(np.linspace(0, 0.95, len(b)))
-    files = []
+    files: list[str] = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     finite = np.where(np.isfinite(mean), mean, np.nan)
@@ -494,10 +494,7 @@ def _plot(result: dict[str, Any], out: Path) -> list[str]:
         ax.axvline(opt["learning_rate"][i], color=c, lw=0.6, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final training loss", title=title)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append("loss_vs_lr.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "loss_vs_lr.png", files)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lr, edge = np.array(opt["learning_rate"]), np.array(opt["at_edge"])
@@ -534,10 +531,7 @@ def _plot(result: dict[str, Any], out: Path) -> list[str]:
     ax.set_xlim(b.min() / 1.5, b.max() * 1.5)  # a measured B_simple outside the grid is in the summary table
     ax.set_ylim(lr.min() / 4, lr.max() * 4)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    files.append("lr_vs_batch.png")
-    fig.savefig(out / files[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, "lr_vs_batch.png", files)
     return files
 
 
